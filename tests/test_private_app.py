@@ -1,0 +1,234 @@
+"""The private Space's contract, on a real server on loopback, through the real gradio_client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import struct
+import threading
+import time
+import zlib
+
+import httpx
+import pytest
+from conftest import running
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+from standin import StandInPipeline
+
+API = "/predict_api"
+
+
+def client_for(url: str, token: str | bool = False) -> Client:
+    return Client(url, token=token, verbose=False, download_files=False)
+
+
+def png_b64(image: Image.Image, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def decode(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert image.format == "PNG"
+    return image
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims `width`×`height` pixels: a decompression bomb as far as its header goes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def standin() -> StandInPipeline:
+    return StandInPipeline()
+
+
+@pytest.fixture
+def backend(private_app, standin):
+    with running(private_app.create_app(standin), private_app.serve, warm_up=False) as url:
+        yield url
+
+
+def test_happy_path_returns_photo_overlay_result_and_status(backend, photo_b64):
+    image, overlay, result, status = client_for(backend).predict(photo_b64, "formal", "female", api_name=API)
+    assert [decode(b64).size for b64 in (image, overlay, result)] == [(512, 512)] * 3
+    assert status.startswith("Done in ")
+    assert decode(image).mode == "RGB"
+
+
+def test_accepts_a_data_url_and_downscales_to_max_side(private_app, standin):
+    big = Image.new("RGB", (1200, 600), "white")
+    demo = private_app.create_app(standin, max_side=300)
+    with running(demo, private_app.serve, warm_up=False) as url:
+        image, *_ = client_for(url).predict("data:image/png;base64," + png_b64(big), "casual", "male", api_name=API)
+    assert decode(image).size == (300, 150)
+
+
+def test_prompt_comes_from_category_and_gender(backend, photo_b64, standin):
+    client_for(backend).predict(photo_b64, "formal", "male", api_name=API)
+    assert "formal portrait of a man" in standin.prompts[-1]
+
+
+BAD_INPUTS = {
+    "empty": ("", "No photo was received"),
+    "not base64": ("this is not base64!", "not valid base64"),
+    "not an image": (base64.b64encode(b"hello, world" * 10).decode(), "not an image"),
+    "truncated": (None, "truncated or damaged"),
+    "gif": (png_b64(Image.new("RGB", (8, 8)), "GIF"), "GIF images are not supported"),
+    "bomb": (base64.b64encode(png_header_only(9_000, 9_000)).decode(), "9000×9000 pixels; the limit is 40 megapixels"),
+    "huge bomb": (base64.b64encode(png_header_only(100_000, 100_000)).decode(), "the limit is 40 megapixels"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_photo_gets_a_sentence_and_the_server_keeps_serving(backend, photo_b64, standin, case):
+    payload, sentence = BAD_INPUTS[case]
+    if payload is None:
+        payload = base64.b64encode(base64.b64decode(photo_b64)[:20_000]).decode()
+    client = client_for(backend)
+    with pytest.raises(AppError, match=sentence) as raised:
+        client.predict(payload, "casual", "male", api_name=API)
+    assert "Traceback" not in str(raised.value)
+    assert standin.intervals == []  # refused before any model work
+    assert client.predict(photo_b64, "casual", "male", api_name=API)[3].startswith("Done")
+
+
+def test_oversized_photo_is_refused_by_size(private_app, standin, photo_b64):
+    demo = private_app.create_app(standin, max_upload_mb=0.1)
+    with (
+        running(demo, private_app.serve, warm_up=False) as url,
+        pytest.raises(AppError, match=r"the limit is 0\.1 MB"),
+    ):
+        client_for(url).predict(photo_b64, "casual", "male", api_name=API)
+
+
+@pytest.mark.parametrize(
+    ("category", "gender", "sentence"),
+    [
+        ("beach", "male", "Unknown category 'beach'. Choose one of 'casual', 'formal'."),
+        ("casual", "robot", "Unknown gender 'robot'. Choose one of 'male', 'female'."),
+    ],
+)
+def test_unknown_choice_lists_the_valid_ones(backend, photo_b64, category, gender, sentence):
+    with pytest.raises(AppError, match=sentence):
+        client_for(backend).predict(photo_b64, category, gender, api_name=API)
+
+
+def test_info_lists_only_predict_api(backend):
+    info = httpx.get(f"{backend}gradio_api/info").json()
+    assert list(info["named_endpoints"]) == [API]
+    assert info["unnamed_endpoints"] == {}
+
+
+def test_only_predict_api_can_be_invoked(backend, photo_b64):
+    config = httpx.get(f"{backend}config").json()
+    (fn_index,) = [dep["id"] for dep in config["dependencies"] if dep["api_name"] == "predict_api"]
+    join = f"{backend}gradio_api/queue/join"
+    body = {"data": [photo_b64, "casual", "male"], "session_hash": "s1", "fn_index": fn_index}
+    assert httpx.post(join, json=body).status_code == 200
+    for other in (fn_index + 1, 99, str(fn_index), None):
+        assert httpx.post(join, json={**body, "fn_index": other}).status_code == 403
+    for path in ("call/other", "call/v2/other", "run/other", "api/other", "call/predict_api/x/y"):
+        assert httpx.post(f"{backend}gradio_api/{path}", json={"data": []}).status_code == 403, path
+    assert httpx.post(f"{backend}gradio_api/component_server", json={}).status_code == 403
+    upload = httpx.post(f"{backend}gradio_api/upload", files={"files": ("a.png", b"x")})
+    assert upload.status_code == 403
+    simple = httpx.post(f"{backend}gradio_api/call/predict_api", json={"data": [photo_b64, "casual", "male"]})
+    assert simple.status_code == 200
+
+
+def test_backend_token_is_enforced(private_app, standin, photo_b64):
+    demo = private_app.create_app(standin)
+    with running(demo, private_app.serve, token="s3cret-token", warm_up=False) as url:
+        assert httpx.get(f"{url}config").status_code == 401
+        assert httpx.get(f"{url}config", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert httpx.get(f"{url}config", headers={"Authorization": "Bearer s3cret-token"}).status_code == 200
+        with pytest.raises(ValueError, match="credentials were not provided"):
+            client_for(url, token="wrong")
+        assert client_for(url, token="s3cret-token").predict(photo_b64, "casual", "male", api_name=API)[3]
+
+
+def test_simultaneous_requests_never_overlap_in_the_pipeline(private_app, photo_b64):
+    standin = StandInPipeline(service_time=0.4)
+    with running(private_app.create_app(standin), private_app.serve, warm_up=False) as url:
+        client = client_for(url)
+        jobs = [client.submit(photo_b64, "casual", "male", api_name=API) for _ in range(3)]
+        assert all(job.result(timeout=30)[3].startswith("Done") for job in jobs)
+    assert standin.max_inside == 1
+    starts_ends = sorted(standin.intervals)
+    assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(starts_ends))
+
+
+def test_a_cancelled_running_job_never_runs_beside_the_next(private_app, photo_b64):
+    """Gradio frees the slot of a cancelled job while its thread runs on; the pipeline lock holds the next."""
+    standin = StandInPipeline(service_time=1.0)
+    with running(private_app.create_app(standin), private_app.serve, warm_up=False) as url:
+        first = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
+        deadline = time.monotonic() + 10
+        while standin.inside == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        first.cancel()
+        second = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
+        assert second.result(timeout=30)[3].startswith("Done")
+    assert standin.max_inside == 1
+
+
+def test_a_full_queue_gives_a_clear_error(private_app, photo_b64):
+    standin = StandInPipeline(service_time=1.0)
+    with running(private_app.create_app(standin, queue_max_size=1), private_app.serve, warm_up=False) as url:
+        client = client_for(url)
+        running_job = client.submit(photo_b64, "casual", "male", api_name=API)
+        while standin.inside == 0:
+            time.sleep(0.01)
+        queued = client.submit(photo_b64, "casual", "male", api_name=API)
+        time.sleep(0.3)
+        with pytest.raises(Exception, match="Queue is full"):
+            client_for(url).predict(photo_b64, "casual", "male", api_name=API)
+        assert running_job.result(timeout=30)[3]
+        assert queued.result(timeout=30)[3]
+
+
+def test_warm_up_gives_the_first_visitor_an_eta(private_app, photo_b64):
+    standin = StandInPipeline(service_time=0.3)
+    with running(private_app.create_app(standin), private_app.serve, warm_up=True) as url:
+        deadline = time.monotonic() + 30
+        while not standin.intervals and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+        client = client_for(url)
+        blocker = client.submit(photo_b64, "casual", "male", api_name=API)
+        waiting = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
+        etas = []
+        while not waiting.done():
+            status = waiting.status()
+            if status.code.name == "IN_QUEUE":
+                etas.append(status.eta)
+            time.sleep(0.02)
+        blocker.result(timeout=30)
+    assert len(standin.intervals) == 3  # the warm-up went through the pipeline
+    assert etas
+    assert etas[0] is not None
+    assert etas[0] > 0
+
+
+def test_progress_reaches_the_caller(backend, photo_b64):
+    job = client_for(backend).submit(photo_b64, "casual", "male", api_name=API)
+    descriptions: set[str] = set()
+    done = threading.Event()
+    while not done.is_set():
+        status = job.status()
+        if status.progress_data:
+            descriptions.update(p.desc for p in status.progress_data if p.desc)
+        if job.done():
+            done.set()
+        time.sleep(0.005)
+    assert any(d.startswith("Painting the backdrop") for d in descriptions) or "Compositing" in descriptions
