@@ -1,0 +1,184 @@
+"""Server-side access control for a Gradio app: one invocable endpoint, and an optional bearer-token lock.
+
+Gradio's `api_visibility` only hides an event from the API page; the server still runs any `fn_index`
+posted to the queue and any name posted to `/gradio_api/call|run|api/...`. This ASGI middleware is what
+enforces "only `api_name` can be invoked". Both Spaces carry an identical copy of this file (a test keeps
+them identical) so that each folder deploys on its own.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+from typing import Any
+
+from starlette.middleware import Middleware
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+logger = logging.getLogger(__name__)
+
+API = "/gradio_api"
+QUEUE_JOIN = f"{API}/queue/join"
+UPLOAD = f"{API}/upload"
+SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
+# Gradio's own launch() calls this without any token; it only starts the queue, once.
+TOKENLESS = {f"{API}/startup-events"}
+# POST routes the browser and gradio_client need besides the queue join: cancelling one's own job.
+HARMLESS_POSTS = {f"{API}/cancel", f"{API}/reset"}
+# /gradio_api/call/NAME[/EVENT_ID], /gradio_api/call/v2/NAME[/EVENT_ID], /gradio_api/run/NAME, /gradio_api/api/NAME
+NAMED_ROUTE = re.compile(rf"^{API}/(call|run|api)(/.*)?$")
+
+
+class EndpointGuard:
+    """Refuse (403) every invocation but `api_name`'s, and (401) every request without `token` when one is set."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        fn_indices: Iterable[int],
+        api_name: str,
+        token: str | None = None,
+        allow_uploads: bool = False,
+        max_body_bytes: int = 32 * 1024 * 1024,
+    ) -> None:
+        self.app = app
+        self.fn_indices = frozenset(fn_indices)
+        if not self.fn_indices:
+            raise ValueError(f"No event is named {api_name!r}.")
+        self.api_name = api_name
+        self.token = token.encode() if token else None
+        self.allow_uploads = allow_uploads
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, send)
+        elif scope["type"] != "http":  # no route of ours needs a websocket
+            await send({"type": "websocket.close", "code": 1008})
+        else:
+            refusal, receive = await self._check(scope, receive)
+            if refusal is None:
+                await self.app(scope, receive, send)
+            else:
+                logger.warning("Refused %s %s: %s", scope["method"], scope["path"], refusal[1])
+                await _reply(send, *refusal)
+
+    async def _check(self, scope: Scope, receive: Receive) -> tuple[tuple[int, str] | None, Receive]:
+        """Return the refusal (status, sentence) for this request, if any, and the receive to pass on."""
+        method, path = scope["method"], _route_path(scope)
+        if self.token is not None and path not in TOKENLESS and not self._authorized(scope):
+            return (401, "A valid token is required."), receive
+        if method == "POST" and path != UPLOAD and _content_length(scope) > self.max_body_bytes:
+            return (413, "The request is too large."), receive
+        if method == "POST" and path == QUEUE_JOIN:
+            body = await _read_body(receive, self.max_body_bytes)
+            if body is None:
+                return (413, "The request is too large."), receive
+            if _fn_index(body) not in self.fn_indices:
+                return (403, f"Only the {self.api_name} endpoint can be called."), receive
+            return None, _replay(body, receive)
+        if not self._allowed(method, path):
+            return (403, f"Only the {self.api_name} endpoint can be called."), receive
+        return None, receive
+
+    def _allowed(self, method: str, path: str) -> bool:
+        if path == UPLOAD:
+            return self.allow_uploads
+        if match := NAMED_ROUTE.match(path):
+            parts = (match.group(2) or "").strip("/").split("/")
+            if match.group(1) == "call" and parts[0] == "v2":
+                parts = parts[1:]
+            return parts[0] == self.api_name and len(parts) <= 2
+        return method in SAFE_METHODS or path in HARMLESS_POSTS
+
+    def _authorized(self, scope: Scope) -> bool:
+        headers = dict(scope["headers"])
+        for name in (b"x-hf-authorization", b"authorization"):
+            scheme, _, value = headers.get(name, b"").partition(b" ")
+            if scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self.token or b""):
+                return True
+        return False
+
+
+def guard_middleware(
+    blocks: Any,
+    *,
+    api_name: str,
+    token: str | None = None,
+    allow_uploads: bool = False,
+    max_body_bytes: int = 32 * 1024 * 1024,
+) -> Middleware:
+    """The guard for `blocks` (a gr.Blocks), for `launch(app_kwargs={"middleware": [...]})`."""
+    fn_indices = [fn._id for fn in blocks.fns.values() if fn.api_name == api_name]
+    return Middleware(
+        EndpointGuard,
+        fn_indices=fn_indices,
+        api_name=api_name,
+        token=token,
+        allow_uploads=allow_uploads,
+        max_body_bytes=max_body_bytes,
+    )
+
+
+def _content_length(scope: Scope) -> int:
+    value = dict(scope["headers"]).get(b"content-length", b"0")
+    return int(value) if value.isdigit() else 0
+
+
+def _route_path(scope: Scope) -> str:
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    path = re.sub("/{2,}", "/", path)
+    return path.rstrip("/") or "/"
+
+
+def _fn_index(body: bytes) -> int | None:
+    try:
+        value = json.loads(body).get("fn_index")
+    except (ValueError, AttributeError):
+        return None
+    return value if type(value) is int else None  # exactly int: Gradio would also accept "0" or 0.0
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if sent:
+            return await receive()
+        sent = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+async def _reply(send: Send, status: int, sentence: str) -> None:
+    body = json.dumps({"detail": sentence}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,318 @@
+"""The public relay, on real servers on loopback: the private app (stand-in pipeline) behind the public one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import gradio as gr
+import httpx
+import pytest
+from conftest import EXAMPLE_PHOTO, ROOT, free_port, load_app, running
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+from standin import StandInPipeline
+
+from relay import BUSY, LOST, UNAVAILABLE, Backend
+
+API = "/predict_api"
+TOKEN = "hf_relay-test-token-5b1f"
+
+
+@pytest.fixture(scope="module")
+def public_app():
+    return load_app("public_space")
+
+
+@pytest.fixture(scope="module")
+def private_app():
+    return load_app("private_space")
+
+
+@dataclass
+class Stack:
+    front: str
+    back: str
+    standin: StandInPipeline
+
+
+@contextlib.contextmanager
+def stack(private_app, public_app, service_time: float = 0.0, **backend_kwargs) -> Iterator[Stack]:
+    """The private app with a stand-in pipeline, warmed up, behind the public app; both on loopback."""
+    standin = StandInPipeline(service_time=service_time)
+    back_demo = private_app.create_app(standin, **backend_kwargs)
+    with running(back_demo, private_app.serve, token=TOKEN, warm_up=True) as back:
+        wait_until(lambda: standin.intervals)  # the warm-up went through: ETAs exist from here on
+        with running(front_app(public_app, Backend(back, TOKEN)), public_app.serve) as front:
+            yield Stack(front, back, standin)
+
+
+def front_app(public_app, backend):
+    return public_app.create_app(backend, delete_cache=None)
+
+
+def wait_until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.01)
+
+
+def visitor(url: str, headers: dict[str, str] | None = None) -> Client:
+    """A visitor of their own: each Client is one session, as each browser tab is."""
+    return Client(url, token=False, verbose=False, headers=headers)
+
+
+def submit(client: Client, category: str = "casual", gender: str = "female"):
+    return client.submit(handle_file(str(EXAMPLE_PHOTO)), category, gender, api_name=API)
+
+
+def statuses(job) -> list[str]:
+    return [output[2] for output in job.outputs()]
+
+
+def test_relay_happy_path(private_app, public_app):
+    with stack(private_app, public_app) as s:
+        overlay, result, status = visitor(s.front).predict(
+            handle_file(str(EXAMPLE_PHOTO)), "formal", "male", api_name=API
+        )
+    assert status.startswith("Done in ")
+    for path in (overlay, result):
+        with Image.open(path) as image:
+            assert (image.format, image.size) == ("PNG", (512, 512))
+    assert "formal portrait of a man" in s.standin.prompts[-1]
+
+
+def test_third_caller_sees_its_place_an_eta_then_progress_then_results(private_app, public_app):
+    with stack(private_app, public_app, service_time=1.0) as s:
+        jobs = [submit(visitor(s.front))]
+        wait_until(lambda: s.standin.inside == 1)
+        jobs.append(submit(visitor(s.front)))
+        wait_until(lambda: queued(s) == 1)
+        jobs.append(submit(visitor(s.front)))
+        overlay, result, status = jobs[2].result(timeout=30)
+        seen = statuses(jobs[2])
+    second = [line for line in seen if line.startswith("You are 2nd in line · about ")]
+    assert second, seen
+    working = [i for i, line in enumerate(seen) if line.startswith("Working on your photo")]
+    assert working
+    assert seen.index(second[0]) < working[0]
+    assert any("Painting the backdrop" in line for line in seen)
+    assert status.startswith("Done in ")
+    assert overlay
+    assert result
+
+
+def queued(s: Stack) -> int:
+    headers = {"x-hf-authorization": f"Bearer {TOKEN}"}
+    return int(httpx.get(f"{s.back}gradio_api/queue/status", headers=headers).json()["queue_size"])
+
+
+def test_countdown_is_smooth_between_backend_updates(private_app, public_app):
+    with stack(private_app, public_app, service_time=3.0) as s:
+        first, second = submit(visitor(s.front)), None
+        wait_until(lambda: s.standin.inside == 1)
+        second = submit(visitor(s.front))
+        second.result(timeout=30)
+        first.result(timeout=30)
+    waits = [int(line.split("about ")[1].split(" s")[0]) for line in statuses(second) if "about" in line]
+    assert len(waits) >= 3, waits
+    assert waits == sorted(waits, reverse=True), waits
+
+
+def test_cancelling_a_queued_visitor_touches_no_one_else(private_app, public_app):
+    with stack(private_app, public_app, service_time=1.0) as s:
+        first = submit(visitor(s.front))
+        wait_until(lambda: s.standin.inside == 1)
+        second = submit(visitor(s.front))
+        wait_until(lambda: queued(s) == 1)
+        third = submit(visitor(s.front))
+        wait_until(lambda: queued(s) == 2)
+        third.cancel()
+        wait_until(lambda: queued(s) == 1, timeout=5)  # the third left the backend queue at once
+        assert first.result(timeout=30)[2].startswith("Done")
+        assert second.result(timeout=30)[2].startswith("Done")
+        time.sleep(0.5)
+    assert len(s.standin.intervals) == 1 + 2  # warm-up, first, second: the third never ran
+    assert s.standin.max_inside == 1
+
+
+def test_a_dropped_connection_cancels_only_that_visitors_job(private_app, public_app):
+    """A visitor whose stream drops (closed tab, lost network) leaves the backend queue; the others stay."""
+    with stack(private_app, public_app, service_time=1.0) as s:
+        first = submit(visitor(s.front))
+        wait_until(lambda: s.standin.inside == 1)
+        with httpx.Client(base_url=s.front) as raw:
+            upload = raw.post("gradio_api/upload", files={"files": ("a.png", EXAMPLE_PHOTO.read_bytes())}).json()
+            fn_index = next(
+                d["id"] for d in raw.get("config").json()["dependencies"] if d["api_name"] == "predict_api"
+            )
+            photo = {"path": upload[0], "meta": {"_type": "gradio.FileData"}}
+            body = {"data": [photo, "casual", "male"], "fn_index": fn_index, "session_hash": "leaver"}
+            assert raw.post("gradio_api/queue/join", json=body).status_code == 200
+            with raw.stream("GET", "gradio_api/queue/data", params={"session_hash": "leaver"}) as stream:
+                for line in stream.iter_lines():
+                    if "in line" in line:
+                        break  # the visitor is waiting in the backend queue; now they vanish
+        wait_until(lambda: queued(s) == 0, timeout=10)
+        assert first.result(timeout=30)[2].startswith("Done")
+        time.sleep(0.5)
+    assert len(s.standin.intervals) == 1 + 1  # warm-up and the first visitor only
+
+
+def test_backend_validation_sentence_is_relayed_as_it_is(private_app, public_app):
+    with stack(private_app, public_app, max_megapixels=0.1) as s, pytest.raises(AppError) as raised:
+        visitor(s.front).predict(handle_file(str(EXAMPLE_PHOTO)), "casual", "male", api_name=API)
+    assert (
+        str(raised.value) == "The photo is 512×512 pixels; the limit is 0.1 megapixels. Please send a smaller photo."
+    )
+
+
+def test_a_non_image_gets_a_sentence(private_app, public_app, tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    with stack(private_app, public_app) as s, pytest.raises(AppError, match="The upload is not an image"):
+        visitor(s.front).predict(handle_file(str(text)), "casual", "male", api_name=API)
+
+
+def test_a_full_backend_queue_says_busy(private_app, public_app):
+    with stack(private_app, public_app, service_time=2.0, queue_max_size=1) as s:
+        first = submit(visitor(s.front))
+        wait_until(lambda: s.standin.inside == 1)
+        second = submit(visitor(s.front))
+        wait_until(lambda: queued(s) == 1)
+        with pytest.raises(AppError) as raised:
+            submit(visitor(s.front)).result(timeout=30)
+        assert str(raised.value) == BUSY
+        assert first.result(timeout=30)[2].startswith("Done")
+        assert second.result(timeout=30)[2].startswith("Done")
+
+
+def test_a_waking_backend_is_waited_for(private_app, public_app):
+    port = free_port()
+    back_url = f"http://127.0.0.1:{port}/"
+    front_demo = front_app(public_app, Backend(back_url, TOKEN, wake_timeout=30))
+    with running(front_demo, public_app.serve) as front:
+        job = submit(visitor(front))
+        wait_until(lambda: any("Waking up the GPU" in line for line in statuses(job)))
+        standin = StandInPipeline()
+        back_demo = private_app.create_app(standin)
+        private_app.serve(back_demo, token=TOKEN, warm_up=False, server_name="127.0.0.1", server_port=port, quiet=True)
+        try:
+            assert job.result(timeout=30)[2].startswith("Done")
+        finally:
+            back_demo.close()
+
+
+def test_an_unreachable_backend_gives_a_clear_error(public_app):
+    front_demo = front_app(public_app, Backend(f"http://127.0.0.1:{free_port()}/", TOKEN, wake_timeout=1))
+    with running(front_demo, public_app.serve) as front, pytest.raises(AppError) as raised:
+        submit(visitor(front)).result(timeout=30)
+    assert str(raised.value) == UNAVAILABLE
+
+
+def test_a_backend_dying_mid_job_then_coming_back(private_app, public_app):
+    port = free_port()
+    front_demo = front_app(public_app, Backend(f"http://127.0.0.1:{port}/", TOKEN, wake_timeout=5))
+    with running(front_demo, public_app.serve) as front:
+        standin = StandInPipeline(service_time=3.0)
+        back_demo = private_app.create_app(standin)
+        private_app.serve(back_demo, token=TOKEN, warm_up=False, server_name="127.0.0.1", server_port=port, quiet=True)
+        job = submit(visitor(front))
+        wait_until(lambda: standin.inside == 1)
+        back_demo.close()
+        with pytest.raises(AppError) as raised:
+            job.result(timeout=30)
+        assert str(raised.value) == LOST
+        revived = private_app.create_app(StandInPipeline())
+        private_app.serve(revived, token=TOKEN, warm_up=False, server_name="127.0.0.1", server_port=port, quiet=True)
+        try:
+            assert submit(visitor(front)).result(timeout=30)[2].startswith("Done")
+        finally:
+            revived.close()
+
+
+def test_missing_configuration_is_said_on_the_page_and_in_the_log(public_app, caplog):
+    with caplog.at_level("ERROR"):
+        assert public_app.backend_from_env() is None or public_app.BACKEND
+    assert "BACKEND is not set" in caplog.text
+    with running(front_app(public_app, None), public_app.serve) as front:
+        assert "not configured" in json.dumps(httpx.get(f"{front}config").json())
+        with pytest.raises(AppError, match="The service is not configured yet"):
+            submit(visitor(front)).result(timeout=30)
+
+
+def test_only_predict_api_can_be_invoked_on_the_public_app(private_app, public_app):
+    with stack(private_app, public_app) as s:
+        info = httpx.get(f"{s.front}gradio_api/info").json()
+        assert list(info["named_endpoints"]) == [API]
+        assert info["unnamed_endpoints"] == {}
+        config = httpx.get(f"{s.front}config").json()
+        others = [dep["id"] for dep in config["dependencies"] if dep["api_name"] != "predict_api"]
+        assert others  # the Stop and example buttons' events exist, and are browser-only
+        for fn_index in others:
+            body = {"data": [], "fn_index": fn_index, "session_hash": "x"}
+            assert httpx.post(f"{s.front}gradio_api/queue/join", json=body).status_code == 403
+        for path in ("call/other", "run/other", "api/other", "call/v2/other"):
+            assert httpx.post(f"{s.front}gradio_api/{path}", json={"data": []}).status_code == 403
+
+
+def test_zero_gpu_tokens_are_forwarded_per_visitor_and_never_stick(public_app):
+    """Each visitor's own x-ip-token reaches the backend on their call only; a visitor with none sends none."""
+    received: list[tuple[str, str | None]] = []
+
+    def predict_api(image_b64: str, category: str, gender: str, request: gr.Request) -> tuple[str, str, str, str]:
+        received.append((f"{category}/{gender}", request.headers.get("x-ip-token")))
+        time.sleep(0.2)
+        return image_b64, image_b64, image_b64, "Done"
+
+    with gr.Blocks() as recorder:
+        gr.api(predict_api, api_name="predict_api", concurrency_limit=1)
+    with (
+        running(recorder, lambda demo, **kw: demo.launch(prevent_thread_lock=True, **kw)) as back,
+        running(front_app(public_app, Backend(back, None)), public_app.serve) as front,
+    ):
+        jobs = [
+            submit(visitor(front, {"x-ip-token": "token-of-a"}), gender="male"),
+            submit(visitor(front, {"x-ip-token": "token-of-b"}), gender="female"),
+        ]
+        for job in jobs:
+            job.result(timeout=30)
+        submit(visitor(front), category="formal").result(timeout=30)
+    expected = [("casual/male", "token-of-a"), ("casual/female", "token-of-b"), ("formal/female", None)]
+    assert sorted(received, key=str) == sorted(expected, key=str)
+
+
+def test_no_token_or_backend_address_reaches_pages_responses_or_logs(private_app, public_app, caplog, capfd):
+    caplog.set_level("DEBUG")
+    with stack(private_app, public_app, max_megapixels=0.1) as s:
+        back_address = s.back.rstrip("/").removeprefix("http://")
+        texts = [httpx.get(f"{s.front}{path}").text for path in ("", "config", "gradio_api/info")]
+        client = visitor(s.front)
+        with contextlib.suppress(AppError):
+            client.predict(handle_file(str(EXAMPLE_PHOTO)), "casual", "male", api_name=API)
+        texts.append(json.dumps(list(submit(client).outputs())))
+    front_logs = [r.getMessage() for r in caplog.records if not r.name.startswith(("guard", "backdrop", "httpx"))]
+    front_logs += [r.getMessage() for r in caplog.records if r.name.startswith("backdrop.relay")]
+    out, err = capfd.readouterr()
+    for text in [*texts, *front_logs, out, err]:
+        assert TOKEN not in text
+        assert "Traceback" not in text
+    for text in [*texts, *front_logs]:
+        assert back_address not in text
+
+
+def test_building_the_public_app_imports_no_torch():
+    code = (
+        "import sys; sys.path.insert(0, 'public_space'); import app; app.create_app(None); "
+        "heavy = [m for m in ('torch', 'transformers', 'diffusers') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
