@@ -232,3 +232,30 @@ def test_progress_reaches_the_caller(backend, photo_b64):
             done.set()
         time.sleep(0.005)
     assert any(d.startswith("Painting the backdrop") for d in descriptions) or "Compositing" in descriptions
+
+
+@pytest.fixture(scope="module")
+def tiny_backend(private_app, tiny_models):
+    """The real model code (`backdrop.Backdrop`), loaded through from_pretrained from the tiny local folders."""
+    from backdrop import Backdrop
+
+    pipeline = Backdrop(str(tiny_models / "segmentation"), str(tiny_models / "background"), steps=2)
+    with running(private_app.create_app(pipeline), private_app.serve, warm_up=False) as url:
+        yield url
+
+
+def test_happy_path_on_the_real_model_code(tiny_backend, photo_b64):
+    image, overlay, result, status = client_for(tiny_backend).predict(photo_b64, "casual", "male", api_name=API)
+    photo = decode(image)
+    assert photo.size == decode(overlay).size == decode(result).size == (512, 512)
+    assert decode(overlay).tobytes() != photo.tobytes()  # classes were tinted
+    assert status.startswith("Done in ")
+
+
+def test_same_inputs_give_the_same_outputs(tiny_backend, photo_b64):
+    client = client_for(tiny_backend)
+    first = client.predict(photo_b64, "formal", "female", api_name=API)
+    second = client.predict(photo_b64, "formal", "female", api_name=API)
+    other = client.predict(photo_b64, "casual", "female", api_name=API)
+    assert first[:3] == second[:3]
+    assert other[2] != first[2]  # another prompt and seed paint another backdrop

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up (see setup.sh), make sure a headless Chromium is there for the page test, lint, and run the tests offline.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if ! command -v chromium >/dev/null; then
+    sudo=$([ "$(id -u)" = 0 ] || echo sudo)
+    $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+HF_HUB_OFFLINE=1 .venv/bin/python -m pytest "$@"

@@ -1,0 +1,499 @@
+"""scripts/deploy.py, offline: its --dry-run plans, its refusals, its wait-and-report logic, and a whole backend
+deploy (up to the smoke test) against a stand-in of the few Hub routes it calls, served on loopback.
+
+The command-line tests run a copy of the two deploy scripts inside a small repo-shaped folder, in a subprocess
+whose HF_ENDPOINT points at the stand-in: the code path a maintainer runs, with the stand-in recording every
+request, so "nothing was sent" is checked, not assumed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from huggingface_hub import SpaceRuntime
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT / "scripts") not in sys.path:
+    sys.path.insert(0, str(ROOT / "scripts"))
+
+import deploy  # noqa: E402
+import deploy_plan  # noqa: E402
+
+WRITE = "hf_WRITEtokenDoNotPrint0123456789"
+LOCK = "lockSECRETdoNotPrint0123456789"
+READ = "hf_READtokenDoNotPrint0123456789"
+SPACE = "me/backdrop-gpu"
+BACKEND_STEPS = [
+    "space_info",
+    "create_repo",
+    *["add_space_variable"] * 5,
+    "add_space_secret",
+    "request_space_hardware",
+    "upload_folder",
+    "wait_until_running",
+    "Client.predict",
+]
+
+
+# --- a stand-in for the Hub routes the script calls -------------------------------------------------------------
+
+
+class Hub(ThreadingHTTPServer):
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), HubHandler)
+        self.spaces: dict[str, dict] = {}
+        self.stages = ["RUNNING"]
+        self.logs: list[str] = []
+        self.requests: list[tuple[str, str, str | None, bytes]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def routes(self) -> list[str]:
+        return [f"{method} {path}" for method, path, _, _ in self.requests]
+
+    def body(self, route: str) -> list[bytes]:
+        return [body for method, path, _, body in self.requests if f"{method} {path}" == route]
+
+
+class HubHandler(BaseHTTPRequestHandler):
+    server: Hub
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self._route("GET")
+
+    def do_POST(self) -> None:
+        self._route("POST")
+
+    def _send(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        for key, value in {"Content-Type": "application/json", **(headers or {})}.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _route(self, method: str) -> None:
+        hub, path = self.server, urlsplit(self.path).path
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        hub.requests.append((method, path, self.headers.get("authorization"), body))
+        if method == "POST" and path == "/api/repos/create":
+            payload = json.loads(body)
+            space = f"{payload['organization']}/{payload['name']}"
+            if space in hub.spaces:
+                return self._send(409, {"error": "You already created this repo", "url": f"{hub.url}/spaces/{space}"})
+            hub.spaces[space] = {"private": payload.get("visibility") == "private", "files": {".gitattributes"}}
+            return self._send(200, {"url": f"{hub.url}/spaces/{space}"})
+        if method == "POST" and path == "/api/validate-yaml":  # upload_folder checks README.md's front matter
+            return self._send(200, {"errors": [], "warnings": []})
+        match = re.fullmatch(r"/api/spaces/([^/]+/[^/]+)(?:/(\w+))?(?:/(\w+))?", path)
+        if match is None or match[1] not in hub.spaces:
+            return self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+        space, route, rest = match[1], match[2], match[3]
+        record = hub.spaces[space]
+        if route is None:
+            return self._send(200, {"id": space, "private": record["private"], "sha": "0" * 40})
+        if route == "runtime":
+            stage = hub.stages.pop(0) if len(hub.stages) > 1 else hub.stages[0]
+            return self._send(200, {"stage": stage, "hardware": {"current": None, "requested": "t4-small"}})
+        if route == "hardware":
+            return self._send(200, {"stage": "BUILDING", "hardware": {"current": None, "requested": "t4-small"}})
+        if route in ("variables", "secrets"):
+            return self._send(200, {})
+        if route == "tree":
+            files = [{"type": "file", "path": name, "size": 1, "oid": "0" * 40} for name in sorted(record["files"])]
+            return self._send(200, files)
+        if route == "preupload":
+            files = json.loads(body)["files"]
+            modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+            return self._send(200, {"files": modes})
+        if route == "commit":
+            for line in body.splitlines():
+                item = json.loads(line)
+                if item["key"] == "file":
+                    record["files"].add(item["value"]["path"])
+                elif item["key"] == "deletedFile":
+                    record["files"].discard(item["value"]["path"])
+            return self._send(200, {"commitUrl": f"{hub.url}/spaces/{space}/commit/{'a' * 40}", "commitOid": "a" * 40})
+        if route == "logs":
+            events = [{"data": f"{line}\n", "timestamp": "2020-01-01T00:00:00Z"} for line in hub.logs]
+            stream = "".join(f"data: {json.dumps(event)}\n\n" for event in events).encode()
+            return self._send(200, stream, {"Content-Type": "text/event-stream"})
+        return self._send(404, {"error": f"no stand-in for {method} {path} ({rest})"})
+
+
+@pytest.fixture
+def hub() -> Iterator[Hub]:
+    server = Hub()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A repo-shaped folder: the two deploy scripts, and two small Space folders to upload."""
+    (tmp_path / "scripts").mkdir()
+    for name in ("deploy.py", "deploy_plan.py"):
+        shutil.copy(ROOT / "scripts" / name, tmp_path / "scripts" / name)
+    for space in ("private_space", "public_space"):
+        (tmp_path / space / "__pycache__").mkdir(parents=True)
+        (tmp_path / space / "app.py").write_text("print('hello')\n")
+        (tmp_path / space / "README.md").write_text("---\nsdk: gradio\n---\n")
+        (tmp_path / space / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"\0compiled")
+    (tmp_path / "private_space" / "helpers").mkdir()
+    (tmp_path / "private_space" / "helpers" / "imaging.py").write_text("X = 1\n")
+    (tmp_path / "public_space" / "examples").mkdir()
+    shutil.copy(ROOT / "public_space" / "examples" / "astronaut.png", tmp_path / "public_space" / "examples")
+    return tmp_path
+
+
+def run_deploy(repo: Path, hub: Hub, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run the copied deploy.py with a clean Hugging Face environment pointed at the stand-in."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING", "BACKEND"))}
+    base |= {"HF_ENDPOINT": hub.url, "HF_HOME": str(repo / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    base |= {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_TOKEN": WRITE, **env}
+    command = [sys.executable, str(repo / "scripts" / "deploy.py"), *args]
+    return subprocess.run(
+        command, env=base, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL, check=False
+    )
+
+
+def steps(stdout: str) -> list[str]:
+    return [line for line in stdout.splitlines() if re.match(r"\[\d+\] ", line)]
+
+
+def step_names(stdout: str) -> list[str]:
+    return [re.match(r"\[\d+\] ([\w.]+)\(", line)[1] for line in steps(stdout)]
+
+
+def assert_no_secret(result: subprocess.CompletedProcess[str], *secrets: str) -> None:
+    for secret in secrets:
+        assert secret not in result.stdout
+        assert secret not in result.stderr
+
+
+# --- --dry-run plans ----------------------------------------------------------------------------------------------
+
+
+def test_backend_dry_run_prints_every_call_in_order_masked_and_sends_nothing(repo: Path, hub: Hub) -> None:
+    options = ["--hardware", "zero-a10g", "--sleep-time", "600", "--steps", "2", "--background-model", "me/sd"]
+    result = run_deploy(repo, hub, "backend", "--space", SPACE, "--dry-run", *options, BACKEND_TOKEN=LOCK)
+
+    assert result.returncode == 0, result.stderr
+    assert hub.requests == []
+    assert step_names(result.stdout) == BACKEND_STEPS
+    plan = "\n".join(steps(result.stdout))
+    assert "create_repo(repo_id='me/backdrop-gpu', repo_type='space', space_sdk='gradio', private=True" in plan
+    for key, value in [
+        ("SEGMENTATION_MODEL", "mattmdjaga/segformer_b2_clothes"),
+        ("BACKGROUND_MODEL", "me/sd"),
+        ("BACKGROUND_STEPS", "2"),
+        ("QUEUE_MAX_SIZE", "32"),
+        ("GPU_DURATION_S", "30"),
+    ]:
+        assert f"key='{key}', value='{value}')" in plan
+    assert "add_space_secret(repo_id='me/backdrop-gpu', key='BACKEND_TOKEN', value=***)" in plan
+    assert "request_space_hardware(repo_id='me/backdrop-gpu', hardware='zero-a10g', sleep_time=600)" in plan
+    assert "delete_patterns='*'" in plan
+    assert "'*__pycache__*'" in plan
+    assert "Client.predict(space='me/backdrop-gpu', token='***'" in plan
+    assert "3 files from private_space/: README.md, app.py, helpers/imaging.py" in result.stdout
+    assert_no_secret(result, WRITE, LOCK)
+
+
+def test_frontend_dry_run_prints_every_call_in_order_masked_and_sends_nothing(repo: Path, hub: Hub) -> None:
+    result = run_deploy(
+        repo, hub, "frontend", "--space", "me/backdrop", "--backend", SPACE, "--dry-run", BACKEND_READ_TOKEN=READ
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert hub.requests == []
+    assert step_names(result.stdout) == [
+        "create_repo",
+        "add_space_variable",
+        "add_space_variable",
+        "add_space_secret",
+        "request_space_hardware",
+        "upload_folder",
+        "wait_until_running",
+        "Client.predict",
+    ]
+    plan = "\n".join(steps(result.stdout))
+    assert "create_repo(repo_id='me/backdrop', repo_type='space', space_sdk='gradio', private=False" in plan
+    assert "add_space_variable(repo_id='me/backdrop', key='BACKEND', value='me/backdrop-gpu')" in plan
+    assert "add_space_variable(repo_id='me/backdrop', key='BACKEND_WAKE_TIMEOUT', value='180')" in plan
+    assert "add_space_secret(repo_id='me/backdrop', key='HF_TOKEN', value=***)" in plan
+    assert "request_space_hardware(repo_id='me/backdrop', hardware='cpu-basic')" in plan
+    assert "Client.predict(space='me/backdrop', token=False" in plan
+    assert_no_secret(result, WRITE, READ)
+
+
+# --- refusals: exit 2, nothing sent -------------------------------------------------------------------------------
+
+
+def test_frontend_refuses_to_be_its_own_backend(repo: Path, hub: Hub) -> None:
+    result = run_deploy(repo, hub, "frontend", "--space", "Me/Backdrop", "--backend", "me/backdrop")
+
+    assert result.returncode == 2
+    assert "same Space" in result.stderr
+    assert hub.requests == []
+
+
+def test_frontend_refuses_the_write_token_as_the_public_spaces_read_token(repo: Path, hub: Hub) -> None:
+    result = run_deploy(repo, hub, "frontend", "--space", "me/backdrop", "--backend", SPACE, BACKEND_READ_TOKEN=WRITE)
+
+    assert result.returncode == 2
+    assert "not your write token" in result.stderr
+    assert hub.requests == []
+    assert_no_secret(result, WRITE)
+
+
+def test_frontend_without_a_read_token_and_no_terminal_says_what_to_set(repo: Path, hub: Hub) -> None:
+    result = run_deploy(repo, hub, "frontend", "--space", "me/backdrop", "--backend", SPACE)
+
+    assert result.returncode == 2
+    assert "set BACKEND_READ_TOKEN" in result.stderr
+    assert hub.requests == []
+
+
+def test_backend_refuses_an_existing_public_space_after_one_read(repo: Path, hub: Hub) -> None:
+    hub.spaces[SPACE] = {"private": False, "files": {"app.py"}}
+
+    result = run_deploy(repo, hub, "backend", "--space", SPACE, BACKEND_TOKEN=LOCK)
+
+    assert result.returncode == 2
+    assert "exists and is not private" in result.stderr
+    assert hub.routes() == [f"GET /api/spaces/{SPACE}"]
+    assert_no_secret(result, WRITE, LOCK)
+
+
+# --- a whole backend deploy against the stand-in ------------------------------------------------------------------
+
+
+def test_backend_deploy_makes_the_dry_runs_calls_and_waits_for_running(repo: Path, hub: Hub) -> None:
+    hub.spaces[SPACE] = {"private": True, "files": {".gitattributes", "README.md", "old_module.py"}}
+    hub.stages = ["RUNNING", "BUILDING", "APP_STARTING", "RUNNING"]  # the first RUNNING is the previous revision's
+    args = ["backend", "--space", SPACE, "--skip-smoke-test", "--poll-interval", "0.05", "--timeout", "5"]
+
+    planned = run_deploy(repo, hub, *args, "--dry-run", BACKEND_TOKEN=LOCK)
+    result = run_deploy(repo, hub, *args, BACKEND_TOKEN=LOCK)
+
+    assert result.returncode == 0, result.stderr
+    assert steps(result.stdout) == steps(planned.stdout)
+    assert step_names(result.stdout) == BACKEND_STEPS[:-1]
+    base = f"/api/spaces/{SPACE}"
+    routes = [route for route in hub.routes() if not route.endswith("/runtime")]
+    assert routes == [
+        f"GET {base}",
+        "POST /api/repos/create",
+        *[f"POST {base}/variables"] * 5,
+        f"POST {base}/secrets",
+        f"POST {base}/hardware",
+        f"GET {base}/tree/main",
+        "POST /api/validate-yaml",
+        f"POST {base}/preupload/main",
+        f"POST {base}/commit/main",
+    ]
+    assert hub.routes().count(f"GET {base}/runtime") == 4
+    assert {auth for _, _, auth, _ in hub.requests} == {f"Bearer {WRITE}"}
+    assert json.loads(hub.body("POST /api/repos/create")[0])["visibility"] == "private"
+    assert json.loads(hub.body(f"POST {base}/secrets")[0]) == {"key": "BACKEND_TOKEN", "value": LOCK}
+    assert json.loads(hub.body(f"POST {base}/hardware")[0]) == {"flavor": "t4-small"}
+    assert hub.spaces[SPACE]["files"] == {".gitattributes", "README.md", "app.py", "helpers/imaging.py"}
+    assert re.search(r"BUILDING\n.*APP_STARTING\n.*RUNNING\n", result.stdout)
+    assert_no_secret(result, WRITE, LOCK)
+
+
+def test_backend_build_error_prints_the_build_logs_tail_masked_and_exits_1(repo: Path, hub: Hub) -> None:
+    hub.stages = ["BUILDING", "BUILD_ERROR"]
+    hub.logs = ["Collecting torch==99", f"token was {WRITE}", "ERROR: No matching distribution found for torch==99"]
+
+    result = run_deploy(repo, hub, "backend", "--space", SPACE, "--poll-interval", "0.05", "--timeout", "5")
+
+    assert result.returncode == 1, result.stderr
+    assert f"GET /api/spaces/{SPACE}/logs/build" in hub.routes()
+    assert "ERROR: No matching distribution found for torch==99" in result.stderr
+    assert "token was ***" in result.stderr
+    assert "ended in BUILD_ERROR" in result.stderr
+    assert "Client.predict" not in result.stdout
+    assert_no_secret(result, WRITE)
+
+
+# --- the wait-and-report logic on stage sequences, with a fake clock -----------------------------------------------
+
+
+class FakeSpace:
+    """get_space_runtime walks through `stages` (the last one repeats); sleeping advances the fake clock."""
+
+    def __init__(self, *stages: str, logs: tuple[str, ...] = ()) -> None:
+        self.stages, self.logs = list(stages), logs
+        self.now, self.polls, self.log_requests = 0.0, 0, []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+    def get_space_runtime(self, repo_id: str) -> SpaceRuntime:
+        self.polls += 1
+        assert self.polls < 1000, "the wait never stopped polling"
+        return SpaceRuntime({"stage": self.stages.pop(0) if len(self.stages) > 1 else self.stages[0]})
+
+    def fetch_space_logs(self, repo_id: str, *, build: bool = False) -> Iterator[str]:
+        self.log_requests.append(build)
+        return iter(self.logs)
+
+    def wait(self, timeout: float = 600, settle_s: float = 0) -> tuple[str, list[str]]:
+        said: list[str] = []
+        runtime = deploy_plan.wait_until_running(
+            lambda: self.get_space_runtime(SPACE),
+            timeout=timeout,
+            poll_s=10,
+            say=said.append,
+            settle_s=settle_s,
+            clock=self.clock,
+            sleep=self.sleep,
+        )
+        return runtime.stage, [line.split()[-1] for line in said]
+
+
+def test_wait_returns_at_once_on_running() -> None:
+    space = FakeSpace("RUNNING")
+    assert space.wait() == ("RUNNING", ["RUNNING"])
+    assert space.polls == 1
+
+
+def test_wait_follows_building_then_running_and_prints_each_change_once() -> None:
+    space = FakeSpace("BUILDING", "BUILDING", "RUNNING_BUILDING", "APP_STARTING", "RUNNING")
+    assert space.wait() == ("RUNNING", ["BUILDING", "RUNNING_BUILDING", "APP_STARTING", "RUNNING"])
+    assert space.now == 40
+
+
+def test_wait_takes_a_terminal_stage_seen_before_any_build_for_the_previous_revisions() -> None:
+    space = FakeSpace("BUILD_ERROR", "RUNNING", "BUILDING", "RUNNING")
+    assert space.wait(settle_s=100) == ("RUNNING", ["BUILD_ERROR", "RUNNING", "BUILDING", "RUNNING"])
+    assert space.polls == 4
+
+    unchanged = FakeSpace("RUNNING")  # nothing to rebuild: RUNNING counts once the settle time has passed
+    assert unchanged.wait(settle_s=25) == ("RUNNING", ["RUNNING"])
+    assert unchanged.now == 30
+
+
+def test_wait_keeps_polling_through_an_unknown_stage() -> None:
+    assert FakeSpace("SLEEPING", "BUILDING", "RUNNING").wait() == ("RUNNING", ["SLEEPING", "BUILDING", "RUNNING"])
+
+
+def test_wait_times_out_at_the_bound() -> None:
+    space = FakeSpace("BUILDING")
+    with pytest.raises(deploy_plan.WaitTimeout, match="still BUILDING after 60 s"):
+        space.wait(timeout=60)
+    assert space.now == 60
+
+
+def report(space: FakeSpace) -> None:
+    plan = deploy_plan.Plan(space, secrets=[WRITE])  # type: ignore[arg-type]
+    deploy_plan.wait_and_report(
+        space, plan, SPACE, timeout=60, poll_s=10, settle_s=0, clock=space.clock, sleep=space.sleep
+    )
+
+
+def test_wait_and_report_returns_quietly_on_running() -> None:
+    space = FakeSpace("BUILDING", "RUNNING", "RUNTIME_ERROR")
+    report(space)
+    assert space.log_requests == []
+    assert space.polls == 2
+
+
+@pytest.mark.parametrize(
+    ("stages", "build_logs", "message"),
+    [
+        (("BUILDING", "BUILD_ERROR"), True, "ended in BUILD_ERROR"),
+        (("APP_STARTING", "RUNTIME_ERROR"), False, "ended in RUNTIME_ERROR"),
+        (("BUILDING",), True, "timed out: still BUILDING after 60 s"),
+        (("APP_STARTING",), False, "timed out: still APP_STARTING after 60 s"),
+    ],
+)
+def test_wait_and_report_prints_the_logs_tail_and_fails(
+    stages: tuple[str, ...], build_logs: bool, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    space = FakeSpace(*stages, logs=("first line", f"token={WRITE}", "Traceback: boom"))
+    with pytest.raises(deploy_plan.DeployError, match=message) as raised:
+        report(space)
+    assert raised.value.code == deploy_plan.Exit.FAILED
+    assert space.log_requests == [build_logs]
+    err = capsys.readouterr().err
+    assert "token=***\nTraceback: boom\n" in err
+    assert WRITE not in err
+
+
+# --- the smoke test's checks, and --help -------------------------------------------------------------------------
+
+
+def png_b64(fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def test_backend_outputs_must_be_three_base64_pngs_and_a_status() -> None:
+    checks = [deploy_plan.png_problem] * 3
+    good = png_b64()
+    assert deploy_plan.check_outputs((good, f"data:image/png;base64,{good}", good, "Done in 1.2 s"), checks) == []
+    assert deploy_plan.check_outputs((good, good, "Done"), checks) == ["expected 4 outputs, got tuple 3"]
+    problems = deploy_plan.check_outputs((good, "not base64!", png_b64("JPEG"), ""), checks)
+    assert problems == [
+        "output 1: does not decode to a PNG (Error)",
+        "output 2: a JPEG image, not a PNG",
+        "status: expected a sentence",
+    ]
+
+
+def test_frontend_outputs_must_be_two_image_files_and_a_status(tmp_path: Path) -> None:
+    image, text = tmp_path / "overlay.webp", tmp_path / "result.png"
+    Image.new("RGB", (4, 4)).save(image)
+    text.write_text("not an image")
+    checks = [deploy_plan.image_file_problem] * 2
+    assert deploy_plan.check_outputs([str(image), {"path": str(image)}, "Done"], checks) == []
+    assert deploy_plan.check_outputs([str(image), str(text), "Done"], checks) == [
+        "output 1: not an image (UnidentifiedImageError)"
+    ]
+    assert deploy_plan.check_outputs([None, str(tmp_path / "gone.png"), "Done"], checks)[0].startswith("output 0")
+
+
+def test_help_explains_every_option_and_the_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
+    for command, options in [
+        ("backend", ["--space", "--hardware", "--sleep-time", "--steps", "--queue-max-size", "--dry-run"]),
+        ("frontend", ["--space", "--backend", "--hardware", "--wake-timeout", "--skip-smoke-test"]),
+    ]:
+        with pytest.raises(SystemExit) as exited:
+            deploy.main([command, "--help"])
+        assert exited.value.code == 0
+        text = capsys.readouterr().out
+        assert all(option in text for option in options)
+        assert "exit codes:" in text
+        assert re.search(r"^  2  usage error or refusal", text, re.MULTILINE)

@@ -1,0 +1,229 @@
+"""The tiny-model script and the private Space's model code (backdrop.Backdrop), on CPU with tiny random weights."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import multiprocessing
+import pickle
+import sys
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE_PHOTO = ROOT / "public_space" / "examples" / "astronaut.png"
+if str(ROOT / "private_space") not in sys.path:
+    sys.path.insert(0, str(ROOT / "private_space"))
+
+from backdrop import Backdrop  # noqa: E402
+
+LABELS = [
+    "Background",
+    "Hat",
+    "Hair",
+    "Sunglasses",
+    "Upper-clothes",
+    "Skirt",
+    "Pants",
+    "Dress",
+    "Belt",
+    "Left-shoe",
+    "Right-shoe",
+    "Face",
+    "Left-leg",
+    "Right-leg",
+    "Left-arm",
+    "Right-arm",
+    "Bag",
+    "Scarf",
+]
+PROMPT = "a quiet beach at sunset"
+
+
+@pytest.fixture(scope="module")
+def backdrop(tiny_models: Path) -> Backdrop:
+    return Backdrop(str(tiny_models / "segmentation"), str(tiny_models / "background"))
+
+
+@pytest.fixture(scope="module")
+def two_step(tiny_models: Path) -> Backdrop:
+    return Backdrop(str(tiny_models / "segmentation"), str(tiny_models / "background"), steps=2)
+
+
+@pytest.fixture(scope="module")
+def photo() -> Image.Image:
+    with Image.open(EXAMPLE_PHOTO) as image:
+        return image.convert("RGB")
+
+
+def reference_classes(model: Backdrop, image: Image.Image) -> np.ndarray:
+    """The class map computed step by step: processor, model, bilinear upsample to the photo, argmax."""
+    pixels = model.processor(images=image, return_tensors="pt")["pixel_values"].to(model.device, model.dtype)
+    with torch.inference_mode():
+        logits = model.segmenter(pixel_values=pixels).logits
+        logits = torch.nn.functional.interpolate(logits, size=(image.height, image.width), mode="bilinear")
+    return logits.argmax(dim=1)[0].cpu().numpy()
+
+
+# --- scripts/make_tiny_models.py ---
+
+
+def test_script_writes_both_folders_and_they_reload(tiny_models: Path) -> None:
+    from diffusers import AutoPipelineForText2Image, EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+    from transformers import SegformerForSemanticSegmentation, SegformerImageProcessorPil
+
+    segmenter = SegformerForSemanticSegmentation.from_pretrained(tiny_models / "segmentation")
+    assert segmenter.config.num_labels == 18
+    assert [segmenter.config.id2label[i] for i in range(18)] == LABELS
+    assert segmenter.config.label2id == {label: i for i, label in enumerate(LABELS)}
+    processor = SegformerImageProcessorPil.from_pretrained(tiny_models / "segmentation")
+    assert processor.size == {"height": 512, "width": 512}
+
+    pipe = AutoPipelineForText2Image.from_pretrained(tiny_models / "background")
+    assert isinstance(pipe, StableDiffusionPipeline)
+    assert isinstance(pipe.scheduler, EulerAncestralDiscreteScheduler)
+    assert pipe.safety_checker is None
+    tokens = pipe.tokenizer(PROMPT).input_ids
+    assert pipe.tokenizer.convert_ids_to_tokens(tokens)[1:-1] == [
+        "a</w>",
+        "q",
+        "u",
+        "i",
+        "e",
+        "t</w>",
+        "beach</w>",
+        "a",
+        "t</w>",
+        "sunset</w>",
+    ]
+    weights = sum(f.stat().st_size for f in tiny_models.rglob("*") if f.is_file())
+    assert weights < 5_000_000
+
+
+def test_script_is_deterministic(tiny_models: Path, tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("make_tiny_models", ROOT / "scripts" / "make_tiny_models.py")
+    assert spec is not None
+    assert spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--out", str(tmp_path)])
+    written = sorted(p.relative_to(tiny_models) for p in tiny_models.rglob("*.safetensors"))
+    assert len(written) == 4
+    for relative in written:
+        assert (tmp_path / relative).read_bytes() == (tiny_models / relative).read_bytes(), relative
+
+
+# --- private_space/backdrop.py ---
+
+
+def test_class_names_follow_class_ids_with_background_first(backdrop: Backdrop) -> None:
+    assert backdrop.class_names == LABELS
+
+
+def test_cuda_runs_in_float16_and_cpu_in_float32(backdrop: Backdrop) -> None:
+    device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+    assert backdrop.device.type == device
+    assert backdrop.segmenter.dtype == dtype
+    assert backdrop.pipe.unet.dtype == dtype
+
+
+@pytest.mark.parametrize("box", [None, (100, 150, 400, 350)], ids=["square", "300x200"])
+def test_render_returns_class_map_of_photo_size_and_rgb_background(
+    backdrop: Backdrop, photo: Image.Image, capfd: pytest.CaptureFixture[str], box: tuple | None
+) -> None:
+    image = photo if box is None else photo.crop(box)
+    capfd.readouterr()
+    classes, background = backdrop.render(image, PROMPT, seed=1)
+    assert capfd.readouterr() == ("", "")  # no progress bars or prints per request
+    assert classes.dtype == np.uint8
+    assert classes.shape == (image.height, image.width)
+    assert classes.max() < 18
+    np.testing.assert_array_equal(classes, reference_classes(backdrop, image))
+    assert isinstance(background, Image.Image)
+    assert background.mode == "RGB"
+    native = backdrop.pipe.unet.config.sample_size * backdrop.pipe.vae_scale_factor
+    assert background.size == (native, native)
+    assert np.asarray(background).std() > 1  # a painted image, not a blank one
+
+
+def test_same_seed_same_output_and_other_seed_other_background(backdrop: Backdrop, photo: Image.Image) -> None:
+    classes_a, background_a = backdrop.render(photo, PROMPT, seed=7)
+    classes_b, background_b = backdrop.render(photo, PROMPT, seed=7)
+    _, background_c = backdrop.render(photo, PROMPT, seed=8)
+    np.testing.assert_array_equal(classes_a, classes_b)
+    np.testing.assert_array_equal(np.asarray(background_a), np.asarray(background_b))
+    assert not np.array_equal(np.asarray(background_a), np.asarray(background_c))
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_progress_rises_and_reports_each_diffusion_step(
+    backdrop: Backdrop, two_step: Backdrop, photo: Image.Image, tiny_models: Path, steps: int
+) -> None:
+    model = backdrop if steps == 1 else two_step
+    calls: list[tuple[float, str]] = []
+
+    def progress(fraction: float, *, desc: str) -> None:
+        calls.append((fraction, desc))
+
+    model.render(photo, PROMPT, seed=3, progress=progress)
+    fractions = [fraction for fraction, _ in calls]
+    assert fractions == sorted(fractions)
+    assert all(0 < fraction <= 1 for fraction in fractions)
+    step_calls = [desc for _, desc in calls if "step" in desc]
+    assert step_calls == [f"Painting the backdrop (step {i} of {steps})" for i in range(1, steps + 1)]
+    for _, desc in calls:
+        assert desc[0].isupper()
+        for secret in ("model", "segformer", "turbo", "stabilityai", "mattmdjaga", str(tiny_models), "/"):
+            assert secret not in desc.lower()
+
+
+def test_pickle_is_a_cheap_handle_to_the_live_instance(backdrop: Backdrop, two_step: Backdrop) -> None:
+    payload = pickle.dumps(backdrop)
+    assert len(payload) < 500  # the handle, not the weights
+    assert pickle.loads(payload) is backdrop
+    assert pickle.loads(pickle.dumps(two_step)) is two_step
+
+
+def test_load_logs_device_and_dtype_but_no_model_path(tiny_models: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="backdrop"):
+        Backdrop(str(tiny_models / "segmentation"), str(tiny_models / "background"))
+    messages = [record.getMessage() for record in caplog.records if record.name == "backdrop"]
+    assert len(messages) == 1
+    device, dtype = ("cuda", "float16") if torch.cuda.is_available() else ("cpu", "float32")
+    assert device in messages[0]
+    assert dtype in messages[0]
+    assert str(tiny_models) not in messages[0]
+    assert "segmentation" not in messages[0]
+
+
+def _render_in_fork(sender: Connection, payload: bytes) -> None:
+    torch.set_num_threads(1)  # a forked child must not reuse the parent's CPU thread pool (it would hang)
+    model, image, prompt, seed = pickle.loads(payload)
+    classes, background = model.render(image, prompt, seed)
+    sender.send((classes, np.asarray(background)))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA cannot be forked once initialised; ZeroGPU forks first")
+def test_forked_worker_renders_through_the_pickled_handle(backdrop: Backdrop, photo: Image.Image) -> None:
+    """What spaces.GPU does on ZeroGPU: pickle the call, fork, unpickle in the child, run there."""
+    expected_classes, expected_background = backdrop.render(photo, PROMPT, seed=5)
+    payload = pickle.dumps((backdrop, photo, PROMPT, 5))
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    worker = context.Process(target=_render_in_fork, args=(sender, payload))
+    worker.start()
+    try:
+        assert receiver.poll(30), "the forked worker did not answer"
+        classes, background = receiver.recv()
+    finally:
+        worker.join(5)
+        if worker.is_alive():
+            worker.kill()
+    assert worker.exitcode == 0
+    np.testing.assert_array_equal(classes, expected_classes)
+    np.testing.assert_array_equal(background, np.asarray(expected_background))
