@@ -7,11 +7,13 @@ import binascii
 import colorsys
 import hashlib
 import io
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP"}
+ORIENTATION = 0x0112  # the EXIF tag
 FORMAT_LIST = "JPEG, PNG or WebP"
 
 
@@ -19,12 +21,22 @@ class PhotoError(ValueError):
     """A problem with the caller's photo, worded for the caller."""
 
 
-def decode_photo(image_b64: str, *, max_bytes: int, max_pixels: int, max_side: int) -> Image.Image:
+@dataclass(frozen=True)
+class Photo:
+    image: Image.Image  # upright RGB, long side at most max_side: what the models see
+    png_b64: str | None  # the input itself when it already is a PNG of exactly `image` (no re-encoding needed)
+
+
+def decode_photo(image_b64: str, *, max_bytes: int, max_pixels: int, max_side: int) -> Photo:
     """Decode plain base64 or a data URL into an upright RGB photo whose long side is at most `max_side`.
 
     Every check runs before any pixel is decoded: a decompression bomb is refused from its header.
     """
-    data = _base64_bytes(image_b64, max_bytes)
+    text = _base64_text(image_b64, max_bytes)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise PhotoError("The photo could not be read: it is not valid base64.") from None
     too_big = f"the limit is {max_pixels / 1e6:g} megapixels. Please send a smaller photo."
     try:
         photo = Image.open(io.BytesIO(data))  # reads the header only
@@ -41,14 +53,17 @@ def decode_photo(image_b64: str, *, max_bytes: int, max_pixels: int, max_side: i
         photo.load()
     except (OSError, SyntaxError, ValueError):
         raise PhotoError("The photo is truncated or damaged. Please send it again.") from None
-    photo = _flatten(ImageOps.exif_transpose(photo))
-    if max(photo.size) > max_side:
-        scale = max_side / max(photo.size)
-        photo = photo.resize((max(1, round(photo.width * scale)), max(1, round(photo.height * scale))), Image.LANCZOS)
-    return photo
+    untouched = photo.format == "PNG" and photo.mode == "RGB" and max(photo.size) <= max_side
+    if untouched and photo.getexif().get(ORIENTATION, 1) == 1:
+        return Photo(photo, text)
+    image = _flatten(ImageOps.exif_transpose(photo))
+    if max(image.size) > max_side:
+        scale = max_side / max(image.size)
+        image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.LANCZOS)
+    return Photo(image, None)
 
 
-def _base64_bytes(image_b64: str, max_bytes: int) -> bytes:
+def _base64_text(image_b64: str, max_bytes: int) -> str:
     text = (image_b64 or "").strip()
     if text.startswith("data:"):
         header, _, text = text.partition(",")
@@ -62,10 +77,7 @@ def _base64_bytes(image_b64: str, max_bytes: int) -> bytes:
             f"The photo is {len(text) * 3 / 4 / 2**20:.1f} MB; the limit is {max_bytes / 2**20:.3g} MB. "
             "Please send a smaller photo."
         )
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise PhotoError("The photo could not be read: it is not valid base64.") from None
+    return text
 
 
 def _flatten(photo: Image.Image) -> Image.Image:
@@ -97,10 +109,8 @@ def palette(n_classes: int) -> np.ndarray:
 
 def overlay(photo: Image.Image, class_map: np.ndarray, n_classes: int, opacity: float = 0.5) -> Image.Image:
     """The photo with every non-background class tinted in its own colour."""
-    pixels = np.asarray(photo, dtype=np.float32)
-    tint = palette(n_classes)[class_map].astype(np.float32)
-    alpha = np.where(class_map[..., None] > 0, opacity, 0.0)
-    return Image.fromarray((pixels * (1 - alpha) + tint * alpha).round().astype(np.uint8))
+    tinted = Image.blend(photo, Image.fromarray(palette(n_classes)[class_map]), opacity)
+    return Image.composite(tinted, photo, Image.fromarray(class_map > 0))
 
 
 def composite(photo: Image.Image, class_map: np.ndarray, background: Image.Image) -> Image.Image:

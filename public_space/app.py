@@ -65,11 +65,13 @@ def describe(update: Update, now: float) -> str:
 
 
 def photo_b64(path: str, max_side: int) -> str:
-    """The upload as base64: sent as it is when the backend can take it, else upright, flattened and downscaled."""
+    """The upload as base64: sent as it is when the backend can take it, else upright, flattened and downscaled.
+
+    The backend applies EXIF orientation itself, so only a photo that must be downscaled is decoded here.
+    """
     try:
-        with Image.open(path) as photo:
-            upright = photo.getexif().get(0x0112, 1) == 1
-            if photo.format in RAW_FORMATS and upright and max(photo.size) <= max_side:
+        with Image.open(path) as photo:  # reads the header only
+            if photo.format in RAW_FORMATS and max(photo.size) <= max_side:
                 return base64.b64encode(Path(path).read_bytes()).decode("ascii")
             photo.load()
             image = ImageOps.exif_transpose(photo).convert("RGBA")

@@ -22,6 +22,7 @@ class StandInPipeline:
         self.steps = steps
         self.intervals: list[tuple[float, float]] = []
         self.prompts: list[str] = []
+        self.sizes: list[tuple[int, int]] = []
         self.inside = 0
         self.max_inside = 0
         self._lock = threading.Lock()
@@ -37,6 +38,7 @@ class StandInPipeline:
             self.inside += 1
             self.max_inside = max(self.max_inside, self.inside)
             self.prompts.append(prompt)
+            self.sizes.append(photo.size)
         started = time.monotonic()
         try:
             for step in range(self.steps):

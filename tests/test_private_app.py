@@ -73,6 +73,13 @@ def test_accepts_a_data_url_and_downscales_to_max_side(private_app, standin):
     assert decode(image).size == (300, 150)
 
 
+def test_a_jpeg_comes_back_as_the_png_the_models_saw(backend, standin):
+    jpeg = png_b64(Image.new("RGB", (320, 200), "teal"), "JPEG")
+    image, *_ = client_for(backend).predict(jpeg, "casual", "male", api_name=API)
+    assert decode(image).size == (320, 200)
+    assert standin.sizes == [(320, 200)]
+
+
 def test_prompt_comes_from_category_and_gender(backend, photo_b64, standin):
     client_for(backend).predict(photo_b64, "formal", "male", api_name=API)
     assert "formal portrait of a man" in standin.prompts[-1]

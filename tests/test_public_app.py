@@ -7,13 +7,11 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import gradio as gr
 import httpx
 import pytest
-from conftest import EXAMPLE_PHOTO, ROOT, free_port, load_app, running
+from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, Stack, free_port, front_app, running, stack, visitor, wait_until
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -22,52 +20,6 @@ from standin import StandInPipeline
 from relay import BUSY, LOST, UNAVAILABLE, Backend
 
 API = "/predict_api"
-TOKEN = "hf_relay-test-token-5b1f"
-
-
-@pytest.fixture(scope="module")
-def public_app():
-    return load_app("public_space")
-
-
-@pytest.fixture(scope="module")
-def private_app():
-    return load_app("private_space")
-
-
-@dataclass
-class Stack:
-    front: str
-    back: str
-    standin: StandInPipeline
-
-
-@contextlib.contextmanager
-def stack(private_app, public_app, service_time: float = 0.0, **backend_kwargs) -> Iterator[Stack]:
-    """The private app with a stand-in pipeline, warmed up, behind the public app; both on loopback."""
-    standin = StandInPipeline(service_time=service_time)
-    back_demo = private_app.create_app(standin, **backend_kwargs)
-    with running(back_demo, private_app.serve, token=TOKEN, warm_up=True) as back:
-        wait_until(lambda: standin.intervals)  # the warm-up went through: ETAs exist from here on
-        with running(front_app(public_app, Backend(back, TOKEN)), public_app.serve) as front:
-            yield Stack(front, back, standin)
-
-
-def front_app(public_app, backend):
-    return public_app.create_app(backend, delete_cache=None)
-
-
-def wait_until(condition, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.01)
-
-
-def visitor(url: str, headers: dict[str, str] | None = None) -> Client:
-    """A visitor of their own: each Client is one session, as each browser tab is."""
-    return Client(url, token=False, verbose=False, headers=headers)
 
 
 def submit(client: Client, category: str = "casual", gender: str = "female"):
@@ -88,6 +40,17 @@ def test_relay_happy_path(private_app, public_app):
         with Image.open(path) as image:
             assert (image.format, image.size) == ("PNG", (512, 512))
     assert "formal portrait of a man" in s.standin.prompts[-1]
+
+
+def test_a_large_photo_is_downscaled_before_it_is_sent(private_app, public_app, tmp_path):
+    big = tmp_path / "big.png"
+    Image.new("RGB", (3000, 1500), "white").save(big)
+    standin = StandInPipeline()
+    with running(private_app.create_app(standin, max_side=4000), private_app.serve, warm_up=False) as back:
+        front_demo = public_app.create_app(Backend(back, None), max_side=600, delete_cache=None)
+        with running(front_demo, public_app.serve) as front:
+            visitor(front).predict(handle_file(str(big)), "casual", "male", api_name=API)
+    assert standin.sizes == [(600, 300)]
 
 
 def test_third_caller_sees_its_place_an_eta_then_progress_then_results(private_app, public_app):
