@@ -124,7 +124,12 @@ def serve(demo: gr.Blocks, *, token: str | None = BACKEND_TOKEN, warm_up: bool =
     limit = int(MAX_UPLOAD_MB * 2**20 * 2) + 2**20
     guard = guard_middleware(demo, api_name=API_NAME, token=token, max_body_bytes=limit)
     demo.launch(
-        app_kwargs={"middleware": [guard]}, ssr_mode=False, show_error=False, prevent_thread_lock=True, **launch_kwargs
+        app_kwargs={"middleware": [guard]},
+        ssr_mode=False,
+        run_history=False,  # nothing about a caller's runs is kept or offered for re-runs
+        show_error=False,
+        prevent_thread_lock=True,
+        **launch_kwargs,
     )
     if warm_up:
         threading.Thread(target=run_warm_up, args=(demo.local_url, token), daemon=True, name="warm-up").start()

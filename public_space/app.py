@@ -176,8 +176,8 @@ def create_app(
                 category = gr.Dropdown(list(CATEGORIES), value=CATEGORIES[0], label="Category")
                 gender = gr.Radio(list(GENDERS), value=GENDERS[0], label="Gender")
                 with gr.Row():
-                    run = gr.Button("Run", variant="primary", elem_id="run")
-                    stop = gr.Button("Stop", variant="stop", elem_id="stop")
+                    run = gr.Button("Run", variant="primary", elem_id="run", min_width=80)
+                    stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=80)
                 status = gr.Markdown(elem_id="status")
             with gr.Column(min_width=280):
                 overlay = gr.Image(
@@ -189,10 +189,11 @@ def create_app(
             inputs=[photo, category, gender],
             outputs=[overlay, result, status],
             api_name=API_NAME,
+            show_progress_on=[overlay, result],  # the status line shows the words; the bar goes on the images
             concurrency_limit=None,  # every visitor waits in the backend's queue, never in this one
             preprocess=False,  # the photo arrives as a checked upload path; photo_b64 validates it
         )
-        stop.click(None, cancels=[job], api_visibility="private")
+        stop.click(None, js="() => 'Stopped.'", outputs=[status], cancels=[job], api_visibility="private")
         # Browser-only: fetch the example and hand it to the photo input as a real upload.
         example.click(None, js=_upload_example_js(), api_visibility="private")
     demo.queue(default_concurrency_limit=None)
@@ -218,6 +219,7 @@ def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
     demo.launch(
         app_kwargs={"middleware": [guard]},
         ssr_mode=False,
+        run_history=False,  # nothing about a visitor's runs is kept or offered for re-runs
         show_error=False,
         prevent_thread_lock=True,
         max_file_size="20mb",

@@ -9,14 +9,22 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
+from gradio_client import Client
+
+if TYPE_CHECKING:
+    from standin import StandInPipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PHOTO = ROOT / "public_space" / "examples" / "astronaut.png"
+TOKEN = "hf_relay-test-token-5b1f"  # the private app's token in tests that run both apps
 
 # No test may reach the Hub or use a real token.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -68,6 +76,50 @@ def running(demo, serve, **kwargs) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def private_app() -> ModuleType:
     return load_app("private_space")
+
+
+@pytest.fixture(scope="session")
+def public_app() -> ModuleType:
+    return load_app("public_space")
+
+
+@dataclass
+class Stack:
+    front: str
+    back: str
+    standin: StandInPipeline
+
+
+@contextlib.contextmanager
+def stack(private_app, public_app, service_time: float = 0.0, **backend_kwargs) -> Iterator[Stack]:
+    """The private app with a stand-in pipeline, warmed up, behind the public app; both on loopback."""
+    from standin import StandInPipeline
+
+    from relay import Backend
+
+    standin = StandInPipeline(service_time=service_time)
+    back_demo = private_app.create_app(standin, **backend_kwargs)
+    with running(back_demo, private_app.serve, token=TOKEN, warm_up=True) as back:
+        wait_until(lambda: standin.intervals)  # the warm-up went through: ETAs exist from here on
+        with running(front_app(public_app, Backend(back, TOKEN)), public_app.serve) as front:
+            yield Stack(front, back, standin)
+
+
+def front_app(public_app, backend):
+    return public_app.create_app(backend, delete_cache=None)
+
+
+def wait_until(condition, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.01)
+
+
+def visitor(url: str, headers: dict[str, str] | None = None) -> Client:
+    """A visitor of their own: each Client is one session, as each browser tab is."""
+    return Client(url, token=False, verbose=False, headers=headers)
 
 
 @pytest.fixture
