@@ -127,6 +127,7 @@ def serve(demo: gr.Blocks, *, token: str | None = BACKEND_TOKEN, warm_up: bool =
         app_kwargs={"middleware": [guard]},
         ssr_mode=False,
         run_history=False,  # nothing about a caller's runs is kept or offered for re-runs
+        enable_monitoring=False,
         show_error=False,
         prevent_thread_lock=True,
         **launch_kwargs,

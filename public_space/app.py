@@ -64,15 +64,15 @@ def describe(update: Update, now: float) -> str:
     return update.status
 
 
-def photo_b64(path: str, max_side: int) -> str:
-    """The upload as base64: sent as it is when the backend can take it, else upright, flattened and downscaled.
+def photo_bytes(path: str, max_side: int) -> bytes:
+    """The upload as it is when the backend can take it, else upright, flattened and downscaled (JPEG).
 
     The backend applies EXIF orientation itself, so only a photo that must be downscaled is decoded here.
     """
     try:
         with Image.open(path) as photo:  # reads the header only
             if photo.format in RAW_FORMATS and max(photo.size) <= max_side:
-                return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+                return Path(path).read_bytes()
             photo.load()
             image = ImageOps.exif_transpose(photo).convert("RGBA")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
@@ -81,7 +81,7 @@ def photo_b64(path: str, max_side: int) -> str:
     flat = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
     buffer = io.BytesIO()
     flat.save(buffer, format="JPEG", quality=92)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return buffer.getvalue()
 
 
 async def ticking(updates: AsyncIterator[Update]) -> AsyncIterator[Update | None]:
@@ -128,8 +128,9 @@ def relay(backend: Backend | None, max_side: int) -> Callable[..., AsyncIterator
             if value not in choices:
                 valid = ", ".join(f"'{choice}'" for choice in choices)
                 raise gr.Error(f"Unknown {what} '{value}'. Choose one of {valid}.", print_exception=False)
-        payload = await asyncio.to_thread(photo_b64, image["path"], max_side)
-        updates = backend.predict(payload, category, gender, ip_token=request.headers.get("x-ip-token"))
+        photo = await asyncio.to_thread(photo_bytes, image["path"], max_side)
+        updates = backend.predict(photo, category, gender, ip_token=request.headers.get("x-ip-token"))
+        del photo  # the relay holds it until it is sent, and no longer
         latest: Update = Waking()
         files: list[Path] = []
         try:
@@ -191,7 +192,7 @@ def create_app(
             api_name=API_NAME,
             show_progress_on=[overlay, result],  # the status line shows the words; the bar goes on the images
             concurrency_limit=None,  # every visitor waits in the backend's queue, never in this one
-            preprocess=False,  # the photo arrives as a checked upload path; photo_b64 validates it
+            preprocess=False,  # the photo arrives as a checked upload path; photo_bytes checks it
         )
         stop.click(None, js="() => 'Stopped.'", outputs=[status], cancels=[job], api_visibility="private")
         # Browser-only: fetch the example and hand it to the photo input as a real upload.
@@ -220,6 +221,7 @@ def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
         app_kwargs={"middleware": [guard]},
         ssr_mode=False,
         run_history=False,  # nothing about a visitor's runs is kept or offered for re-runs
+        enable_monitoring=False,
         show_error=False,
         prevent_thread_lock=True,
         max_file_size="20mb",

@@ -109,7 +109,7 @@ def test_cancelling_a_queued_visitor_touches_no_one_else(private_app, public_app
 
 def test_a_dropped_connection_cancels_only_that_visitors_job(private_app, public_app):
     """A visitor whose stream drops (closed tab, lost network) leaves the backend queue; the others stay."""
-    with stack(private_app, public_app, service_time=1.0) as s:
+    with stack(private_app, public_app, service_time=4.0) as s:
         first = submit(visitor(s.front))
         wait_until(lambda: s.standin.inside == 1)
         with httpx.Client(base_url=s.front) as raw:
@@ -124,7 +124,10 @@ def test_a_dropped_connection_cancels_only_that_visitors_job(private_app, public
                 for line in stream.iter_lines():
                     if "in line" in line:
                         break  # the visitor is waiting in the backend queue; now they vanish
+        left = time.monotonic()
         wait_until(lambda: queued(s) == 0, timeout=10)
+        assert s.standin.inside == 1  # the first visitor's job is still running: the leaver's was removed
+        print(f"the backend queue noticed in {time.monotonic() - left:.1f} s")
         assert first.result(timeout=30)[2].startswith("Done")
         time.sleep(0.5)
     assert len(s.standin.intervals) == 1 + 1  # warm-up and the first visitor only

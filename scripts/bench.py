@@ -1,0 +1,250 @@
+"""Benchmark the relay: the backend with a stand-in pipeline of fixed service time, the public app in front.
+
+    python scripts/bench.py [--service-time 0.5] [--callers 24] [--latency-calls 30]
+
+Both apps run as their own processes on loopback. The backend is the real private app built by `create_app()`
+around `standin.StandInPipeline` (a sleep instead of the GPU); the front is `public_space/app.py` itself. On a
+machine with two or more cores the backend gets a core of its own (as it would be a machine of its own), and the
+front shares the other with the callers. Every gradio_client gets one shared SSL context: without it, each
+request and each file download builds a new one (~40 ms of CPU), which would swamp what is measured here.
+Prints, all measured in this one run:
+- relay added latency, p50 and p95: one caller at a time, through the front minus directly to the backend;
+- makespan / (N·S) for N concurrent callers through the front (and directly, for comparison);
+- the share of queued callers that saw their place in line;
+- the median absolute error of the first ETA each queued caller was shown, against its actual finish;
+- the front's resident memory (peak while loaded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import itertools
+import os
+import re
+import secrets
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+PHOTO = ROOT / "public_space" / "examples" / "astronaut.png"
+API = "/predict_api"
+CORES = sorted(os.sched_getaffinity(0))
+BACKEND_CORES = {CORES[0]} if len(CORES) > 1 else set(CORES)
+FRONT_CORES = set(CORES[1:]) or set(CORES)  # the front and the callers
+SSL = ssl.create_default_context()
+
+
+@dataclass
+class Caller:
+    submitted: float = 0.0
+    finished: float = 0.0
+    statuses: list[tuple[float, str]] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def serve_backend(port: int, service_time: float) -> None:
+    """Child process: the real private app around the stand-in pipeline (token from BACKEND_TOKEN)."""
+    sys.path[:0] = [str(ROOT / "private_space"), str(ROOT / "scripts")]
+    from standin import StandInPipeline
+
+    import app
+
+    demo = app.create_app(StandInPipeline(service_time=service_time), queue_max_size=256)
+    app.serve(demo, server_name="127.0.0.1", server_port=port, quiet=True)
+    demo.block_thread()
+
+
+def start(
+    command: list[str], env: dict[str, str], url: str, cores: set[int], headers: dict | None = None
+) -> subprocess.Popen:
+    process = subprocess.Popen(
+        command, env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    os.sched_setaffinity(process.pid, cores)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, headers=headers, timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    process.kill()
+    raise SystemExit(f"{command} did not start")
+
+
+def start_stack(service_time: float, token: str) -> tuple[str, str, list[subprocess.Popen]]:
+    back_port, front_port = free_port(), free_port()
+    back, front = f"http://127.0.0.1:{back_port}/", f"http://127.0.0.1:{front_port}/"
+    quiet = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    backend = start(
+        [sys.executable, __file__, "--serve-backend", str(back_port), "--service-time", str(service_time)],
+        {**quiet, "BACKEND_TOKEN": token},
+        f"{back}config",
+        BACKEND_CORES,
+        {"Authorization": f"Bearer {token}"},
+    )
+    time.sleep(1 + service_time)  # the warm-up request
+    front_env = {**quiet, "BACKEND": back, "HF_TOKEN": token, "GRADIO_SERVER_PORT": str(front_port)}
+    front_proc = start([sys.executable, str(ROOT / "public_space" / "app.py")], front_env, front, FRONT_CORES)
+    return back, front, [backend, front_proc]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def latency(calls: int, token: str) -> None:
+    from gradio_client import Client, handle_file
+
+    back, front, processes = start_stack(0.0, token)
+    try:
+        direct = Client(back, token=token, verbose=False, download_files=False, ssl_verify=SSL)
+        relayed = Client(front, token=False, verbose=False, ssl_verify=SSL)
+        photo_b64 = base64.b64encode(PHOTO.read_bytes()).decode()
+        times: dict[str, list[float]] = {"direct": [], "front": []}
+        for i in range(calls + 3):  # the first three of each warm both paths up
+            for name, call in (
+                ("direct", lambda: direct.predict(photo_b64, "casual", "male", api_name=API)),
+                ("front", lambda: relayed.predict(handle_file(str(PHOTO)), "casual", "male", api_name=API)),
+            ):
+                started = time.perf_counter()
+                call()
+                if i >= 3:
+                    times[name].append(time.perf_counter() - started)
+        for q, label in ((0.5, "p50"), (0.95, "p95")):
+            d, f = percentile(times["direct"], q), percentile(times["front"], q)
+            print(
+                f"relay added latency {label}: {1000 * (f - d):5.1f} ms  (front {1000 * f:.0f}, direct {1000 * d:.0f})"
+            )
+    finally:
+        for process in processes:
+            process.kill()
+
+
+def run_callers(clients: list, call: Callable[[object], Caller]) -> tuple[list[Caller], float]:
+    """Start every caller at once; return their records and the makespan."""
+    started = time.monotonic()
+    with ThreadPoolExecutor(len(clients)) as pool:
+        records = list(pool.map(call, clients))
+    return records, max(r.finished for r in records) - started
+
+
+def load(callers: int, service_time: float, token: str) -> None:
+    from gradio_client import Client, handle_file
+
+    photo_b64 = base64.b64encode(PHOTO.read_bytes()).decode()
+
+    def through_front(client: Client) -> Caller:
+        record = Caller(submitted=time.monotonic())
+        job = client.submit(handle_file(str(PHOTO)), "casual", "male", api_name=API)
+        for output in job:  # each intermediate status, as it arrives
+            record.statuses.append((time.monotonic(), output[2]))
+        job.result()
+        record.finished = time.monotonic()
+        return record
+
+    def direct(client: Client) -> Caller:
+        record = Caller(submitted=time.monotonic())
+        client.predict(photo_b64, "casual", "male", api_name=API)
+        record.finished = time.monotonic()
+        return record
+
+    back, front, processes = start_stack(service_time, token)
+    rss = Sampler(psutil.Process(processes[1].pid))
+    try:
+        clients = [Client(front, token=False, verbose=False, ssl_verify=SSL) for _ in range(callers)]
+        with rss:
+            records, makespan = run_callers(clients, through_front)
+        clients = [
+            Client(back, token=token, verbose=False, download_files=False, ssl_verify=SSL) for _ in range(callers)
+        ]
+        direct_records, direct_makespan = run_callers(clients, direct)
+    finally:
+        for process in processes:
+            process.kill()
+
+    ideal = callers * service_time
+    print(f"makespan / (N·S) through the front: {makespan / ideal:.3f}  ({makespan:.2f} s; ideal {ideal:.2f} s)")
+    print(f"makespan / (N·S) direct to backend: {direct_makespan / ideal:.3f}  ({direct_makespan:.2f} s)")
+    for name, runs in (("through the front", records), ("direct", direct_records)):
+        finishes = sorted(r.finished for r in runs)
+        gap = statistics.median(b - a for a, b in itertools.pairwise(finishes))
+        print(f"  {name}: one job every {1000 * gap:.0f} ms (S = {1000 * service_time:.0f} ms)")
+    queued = sorted(records, key=lambda r: r.finished)[1:]  # everyone but the first to run had to wait
+    saw_place = [r for r in queued if any(" in line" in text for _, text in r.statuses)]
+    print(f"queued callers who saw their place: {len(saw_place)}/{len(queued)}")
+    errors = [eta_error(r) for r in queued if any("about" in text for _, text in r.statuses)]
+    median = 100 * statistics.median(errors)
+    print(f"median |first ETA shown - actual finish| / actual wait: {median:.1f} %  (n={len(errors)})")
+    print(f"front RSS: start {rss.samples[0] / 2**20:.0f} MiB, peak under load {max(rss.samples) / 2**20:.0f} MiB")
+
+
+def eta_error(record: Caller) -> float:
+    """|when the first ETA said the job would finish - when it did| / how long it actually took from then."""
+    shown_at, text = next((t, text) for t, text in record.statuses if "about" in text)
+    number, unit = re.search(r"about (\d+) (s|min)", text).groups()
+    eta = int(number) * (60 if unit == "min" else 1)
+    return abs(shown_at + eta - record.finished) / (record.finished - shown_at)
+
+
+class Sampler:
+    """The resident memory of a process, sampled every 100 ms while in use."""
+
+    def __init__(self, process: psutil.Process) -> None:
+        self.process = process
+        self.samples = [process.memory_info().rss]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            self.samples.append(self.process.memory_info().rss)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--service-time", type=float, default=0.5, help="the stand-in's seconds per job (S)")
+    parser.add_argument("--callers", type=int, default=24, help="concurrent callers in the load run (N)")
+    parser.add_argument("--latency-calls", type=int, default=30, help="sequential calls per path for latency")
+    parser.add_argument("--serve-backend", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_backend:
+        serve_backend(args.serve_backend, args.service_time)
+        return
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    token = secrets.token_urlsafe(16)
+    os.sched_setaffinity(0, FRONT_CORES)  # the callers
+    print(f"cores: backend {sorted(BACKEND_CORES)}, front and callers {sorted(FRONT_CORES)}")
+    latency(args.latency_calls, token)
+    load(args.callers, args.service_time, token)
+
+
+if __name__ == "__main__":
+    main()
