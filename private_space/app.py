@@ -14,7 +14,7 @@ import numpy as np
 from gradio_client import Client
 from PIL import Image
 
-from guard import guard_middleware
+from guard import launch_guarded
 from imaging import PhotoError, composite, decode_photo, encode_png, overlay, seed_for
 
 SEGMENTATION_MODEL = os.getenv("SEGMENTATION_MODEL", "mattmdjaga/segformer_b2_clothes")
@@ -122,16 +122,7 @@ def serve(demo: gr.Blocks, *, token: str | None = BACKEND_TOKEN, warm_up: bool =
     """
     # Bodies up to twice the photo limit reach predict_api, which answers with a sentence; larger ones get a 413.
     limit = int(MAX_UPLOAD_MB * 2**20 * 2) + 2**20
-    guard = guard_middleware(demo, api_name=API_NAME, token=token, max_body_bytes=limit)
-    demo.launch(
-        app_kwargs={"middleware": [guard]},
-        ssr_mode=False,
-        run_history=False,  # nothing about a caller's runs is kept or offered for re-runs
-        enable_monitoring=False,
-        show_error=False,
-        prevent_thread_lock=True,
-        **launch_kwargs,
-    )
+    launch_guarded(demo, api_name=API_NAME, token=token, max_body_bytes=limit, **launch_kwargs)
     if warm_up:
         threading.Thread(target=run_warm_up, args=(demo.local_url, token), daemon=True, name="warm-up").start()
 

@@ -109,23 +109,35 @@ class EndpointGuard:
         return False
 
 
-def guard_middleware(
+def launch_guarded(
     blocks: Any,
     *,
     api_name: str,
     token: str | None = None,
     allow_uploads: bool = False,
     max_body_bytes: int = 32 * 1024 * 1024,
-) -> Middleware:
-    """The guard for `blocks` (a gr.Blocks), for `launch(app_kwargs={"middleware": [...]})`."""
-    fn_indices = [fn._id for fn in blocks.fns.values() if fn.api_name == api_name]
-    return Middleware(
+    **launch_kwargs: Any,
+) -> None:
+    """Launch `blocks` (a gr.Blocks) behind the guard, hardened, and return once it serves.
+
+    `GRADIO_SERVER_NAME` and `GRADIO_SERVER_PORT` apply as in any Gradio app; ZeroGPU's launch hook still runs.
+    """
+    guard = Middleware(
         EndpointGuard,
-        fn_indices=fn_indices,
+        fn_indices=[fn._id for fn in blocks.fns.values() if fn.api_name == api_name],
         api_name=api_name,
         token=token,
         allow_uploads=allow_uploads,
         max_body_bytes=max_body_bytes,
+    )
+    blocks.launch(
+        app_kwargs={"middleware": [guard]},
+        ssr_mode=False,  # a Node front server would fetch pages without the token
+        run_history=False,  # nothing about a caller's runs is kept or offered for re-runs
+        enable_monitoring=False,
+        show_error=False,  # only gr.Error sentences reach callers, never exception texts
+        prevent_thread_lock=True,
+        **launch_kwargs,
     )
 
 

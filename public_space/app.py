@@ -20,7 +20,7 @@ from typing import Any
 import gradio as gr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from guard import guard_middleware
+from guard import launch_guarded
 from relay import Backend, Finished, Queued, RelayError, Running, Update, Waking
 
 BACKEND = os.getenv("BACKEND", "").strip()
@@ -214,19 +214,9 @@ def _upload_example_js() -> str:
 
 def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
     """Launch `demo` behind the endpoint guard; returns once the server is up."""
-    guard = guard_middleware(demo, api_name=API_NAME, allow_uploads=True)
     gr.set_static_paths([EXAMPLE_PHOTO])
     launch_kwargs.setdefault("max_threads", MAX_VISITORS)  # also Gradio's cap on events running at once
-    demo.launch(
-        app_kwargs={"middleware": [guard]},
-        ssr_mode=False,
-        run_history=False,  # nothing about a visitor's runs is kept or offered for re-runs
-        enable_monitoring=False,
-        show_error=False,
-        prevent_thread_lock=True,
-        max_file_size="20mb",
-        **launch_kwargs,
-    )
+    launch_guarded(demo, api_name=API_NAME, allow_uploads=True, max_file_size="20mb", **launch_kwargs)
 
 
 def backend_from_env() -> Backend | None:

@@ -6,42 +6,18 @@ import importlib.util
 import logging
 import multiprocessing
 import pickle
-import sys
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import EXAMPLE_PHOTO, ROOT
+from make_tiny_models import LABELS
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE_PHOTO = ROOT / "public_space" / "examples" / "astronaut.png"
-if str(ROOT / "private_space") not in sys.path:
-    sys.path.insert(0, str(ROOT / "private_space"))
+from backdrop import Backdrop
 
-from backdrop import Backdrop  # noqa: E402
-
-LABELS = [
-    "Background",
-    "Hat",
-    "Hair",
-    "Sunglasses",
-    "Upper-clothes",
-    "Skirt",
-    "Pants",
-    "Dress",
-    "Belt",
-    "Left-shoe",
-    "Right-shoe",
-    "Face",
-    "Left-leg",
-    "Right-leg",
-    "Left-arm",
-    "Right-arm",
-    "Bag",
-    "Scarf",
-]
 PROMPT = "a quiet beach at sunset"
 
 

@@ -1,0 +1,81 @@
+"""The endpoint guard that both Spaces carry: one file, two identical copies."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import ROOT
+
+from guard import EndpointGuard
+
+
+def test_both_spaces_carry_the_same_guard():
+    assert (ROOT / "private_space" / "guard.py").read_bytes() == (ROOT / "public_space" / "guard.py").read_bytes()
+
+
+SETTINGS = {"fn_indices": [3], "api_name": "predict_api"}
+
+
+def call(method: str, path: str, body: bytes = b"", headers=(), **settings) -> int:
+    """One request through a guard in front of an app that answers 200; returns the status sent."""
+    sent: list[dict] = []
+
+    async def app(scope, receive, send):
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": list(headers)}
+    asyncio.run(EndpointGuard(app, **SETTINGS, **settings)(scope, receive, send))
+    return sent[0]["status"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "/gradio_api/queue/join", b'{"fn_index": 3}', 200),
+        ("POST", "/gradio_api/queue/join/", b'{"fn_index": 3}', 200),
+        ("POST", "//gradio_api//queue/join", b'{"fn_index": 4}', 403),
+        ("POST", "/gradio_api/queue/join", b'{"fn_index": 4}', 403),
+        ("POST", "/gradio_api/queue/join", b'{"fn_index": true}', 403),
+        ("POST", "/gradio_api/queue/join", b'{"fn_index": 3, "fn_index": 4}', 403),
+        ("POST", "/gradio_api/queue/join", b"not json", 403),
+        ("POST", "/gradio_api/call/predict_api", b"{}", 200),
+        ("GET", "/gradio_api/call/predict_api/abc123", b"", 200),
+        ("POST", "/gradio_api/call/v2/predict_api", b"{}", 200),
+        ("POST", "/gradio_api/call/predict_api/x/y", b"{}", 403),
+        ("GET", "/gradio_api/call/other/abc123", b"", 403),
+        ("POST", "/gradio_api/run/other", b"{}", 403),
+        ("POST", "/gradio_api/upload", b"", 403),
+        ("POST", "/gradio_api/component_server", b"{}", 403),
+        ("DELETE", "/config", b"", 403),
+        ("POST", "/gradio_api/cancel", b"{}", 200),
+        ("GET", "/config", b"", 200),
+    ],
+)
+def test_only_the_named_endpoint_passes(method, path, body, status):
+    assert call(method, path, body) == status
+
+
+def test_token_lock_accepts_both_header_spellings_and_nothing_else():
+    def status(*headers: tuple[bytes, bytes], path: str = "/config") -> int:
+        return call("GET", path, headers=headers, token="s3cret")
+
+    assert status() == 401
+    assert status((b"authorization", b"Bearer nope")) == 401
+    assert status((b"authorization", b"Basic s3cret")) == 401
+    assert status((b"authorization", b"Bearer s3cret")) == 200
+    assert status((b"x-hf-authorization", b"Bearer s3cret")) == 200
+    assert status(path="/gradio_api/startup-events") == 200  # Gradio's own launch() calls it bare
+
+
+def test_oversized_bodies_are_refused():
+    assert call("POST", "/gradio_api/queue/join", b'{"fn_index": 3, "data": ["0123456789"]}', max_body_bytes=10) == 413
+    headers = [(b"content-length", b"999")]
+    assert call("POST", "/gradio_api/call/predict_api", b"{}", headers=headers, max_body_bytes=10) == 413
