@@ -1,6 +1,6 @@
 """Benchmark the relay: the backend with a stand-in pipeline of fixed service time, the public app in front.
 
-    python scripts/bench.py [--service-time 0.5] [--callers 24] [--latency-calls 30]
+    python scripts/bench.py [--service-time 0.5] [--callers 24] [--latency-calls 30] [--models .tiny-models]
 
 Both apps run as their own processes on loopback. The backend is the real private app built by `create_app()`
 around `standin.StandInPipeline` (a sleep instead of the GPU); the front is `public_space/app.py` itself. On a
@@ -12,7 +12,9 @@ Prints, all measured in this one run:
 - makespan / (N·S) for N concurrent callers through the front (and directly, for comparison);
 - the share of queued callers that saw their place in line;
 - the median absolute error of the first ETA each queued caller was shown, against its actual finish;
-- the front's resident memory (peak while loaded).
+- the front's resident memory (peak while loaded);
+- with --models DIR: the private app's own entry point on real model code (tiny weights, built into DIR if
+  missing): its warm-up time, one call's time and the process's peak memory.
 """
 
 from __future__ import annotations
@@ -130,11 +132,11 @@ def latency(calls: int, token: str) -> None:
                 call()
                 if i >= 3:
                     times[name].append(time.perf_counter() - started)
+        added = [f - d for f, d in zip(times["front"], times["direct"], strict=True)]  # each pair ran back to back
         for q, label in ((0.5, "p50"), (0.95, "p95")):
             d, f = percentile(times["direct"], q), percentile(times["front"], q)
-            print(
-                f"relay added latency {label}: {1000 * (f - d):5.1f} ms  (front {1000 * f:.0f}, direct {1000 * d:.0f})"
-            )
+            added_ms = 1000 * percentile(added, q)
+            print(f"relay added latency {label}: {added_ms:5.1f} ms  (front {1000 * f:.0f}, direct {1000 * d:.0f} ms)")
     finally:
         for process in processes:
             process.kill()
@@ -172,6 +174,8 @@ def load(callers: int, service_time: float, token: str) -> None:
     rss = Sampler(psutil.Process(processes[1].pid))
     try:
         clients = [Client(front, token=False, verbose=False, ssl_verify=SSL) for _ in range(callers)]
+        for client in clients[:3]:  # "once warm": the backend's mean job time now comes from real requests
+            through_front(client)
         with rss:
             records, makespan = run_callers(clients, through_front)
         clients = [
@@ -228,11 +232,53 @@ class Sampler:
         self._thread.join()
 
 
+def backend_on_models(models: Path, token: str) -> None:
+    """The private app's own entry point on real model code (tiny weights): warm-up and one call, time and memory."""
+    from gradio_client import Client
+
+    if not (models / "segmentation").exists():
+        subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), "--out", str(models)], check=True
+        )
+    port = free_port()
+    env = {
+        **os.environ,
+        "SEGMENTATION_MODEL": str(models / "segmentation"),
+        "BACKGROUND_MODEL": str(models / "background"),
+        "BACKEND_TOKEN": token,
+        "GRADIO_SERVER_PORT": str(port),
+        "HF_HUB_OFFLINE": "1",
+    }
+    command = [sys.executable, str(ROOT / "private_space" / "app.py")]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        rss = Sampler(psutil.Process(process.pid))
+        with rss:
+            for line in process.stdout:
+                if "Warm-up done in" in line:
+                    warm_up = line.rsplit("Warm-up done in", 1)[1].strip()
+                    break
+            loaded = max(rss.samples)
+        client = Client(f"http://127.0.0.1:{port}/", token=token, verbose=False, download_files=False, ssl_verify=SSL)
+        photo_b64 = base64.b64encode(PHOTO.read_bytes()).decode()
+        with Sampler(psutil.Process(process.pid)) as during:
+            started = time.perf_counter()
+            status = client.predict(photo_b64, "casual", "female", api_name=API)[3]
+            took = time.perf_counter() - started
+    finally:
+        process.kill()
+    print(f"tiny models: warm-up {warm_up} (server-side); peak RSS through start and warm-up {loaded / 2**20:.0f} MiB")
+    print(f"tiny models: one predict_api call {1000 * took:.0f} ms at the caller ({status}, 512x512 photo)")
+    peak, before = max(during.samples) / 2**20, during.samples[0] / 2**20
+    print(f"tiny models: peak RSS during the call {peak:.0f} MiB (+{peak - before:.0f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--service-time", type=float, default=0.5, help="the stand-in's seconds per job (S)")
     parser.add_argument("--callers", type=int, default=24, help="concurrent callers in the load run (N)")
     parser.add_argument("--latency-calls", type=int, default=30, help="sequential calls per path for latency")
+    parser.add_argument("--models", type=Path, help="also time the private app on these (or new tiny) model folders")
     parser.add_argument("--serve-backend", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_backend:
@@ -242,6 +288,8 @@ def main() -> None:
     token = secrets.token_urlsafe(16)
     os.sched_setaffinity(0, FRONT_CORES)  # the callers
     print(f"cores: backend {sorted(BACKEND_CORES)}, front and callers {sorted(FRONT_CORES)}")
+    if args.models:
+        backend_on_models(args.models, token)
     latency(args.latency_calls, token)
     load(args.callers, args.service_time, token)
 
