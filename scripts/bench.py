@@ -121,12 +121,14 @@ def latency(calls: int, token: str) -> None:
     try:
         direct = Client(back, token=token, verbose=False, download_files=False, ssl_verify=SSL)
         relayed = Client(front, token=False, verbose=False, ssl_verify=SSL)
+        unfetched = Client(front, token=False, verbose=False, ssl_verify=SSL, download_files=False)
         photo_b64 = base64.b64encode(PHOTO.read_bytes()).decode()
-        times: dict[str, list[float]] = {"direct": [], "front": []}
+        times: dict[str, list[float]] = {"direct": [], "front": [], "unfetched": []}
         for i in range(calls + 3):  # the first three of each warm both paths up
             for name, call in (
                 ("direct", lambda: direct.predict(photo_b64, "casual", "male", api_name=API)),
                 ("front", lambda: relayed.predict(handle_file(str(PHOTO)), "casual", "male", api_name=API)),
+                ("unfetched", lambda: unfetched.predict(handle_file(str(PHOTO)), "casual", "male", api_name=API)),
             ):
                 started = time.perf_counter()
                 call()
@@ -137,6 +139,10 @@ def latency(calls: int, token: str) -> None:
             d, f = percentile(times["direct"], q), percentile(times["front"], q)
             added_ms = 1000 * percentile(added, q)
             print(f"relay added latency {label}: {added_ms:5.1f} ms  (front {1000 * f:.0f}, direct {1000 * d:.0f} ms)")
+        unfetched_ms = 1000 * percentile(
+            [u - d for u, d in zip(times["unfetched"], times["direct"], strict=True)], 0.5
+        )
+        print(f"  of which the relay, without downloading the two result files: {unfetched_ms:.1f} ms p50")
     finally:
         for process in processes:
             process.kill()
