@@ -21,7 +21,7 @@ import gradio as gr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from guard import launch_guarded
-from relay import Backend, Finished, Queued, RelayError, Running, Update, Waking
+from relay import FAILED, Backend, Finished, Queued, RelayError, Running, Update, Waking
 
 BACKEND = os.getenv("BACKEND", "").strip()
 HF_TOKEN = os.getenv("HF_TOKEN") or None
@@ -150,6 +150,9 @@ def relay(backend: Backend | None, max_side: int) -> Callable[..., AsyncIterator
         except RelayError as error:
             yield None, None, str(error)
             raise gr.Error(str(error), print_exception=False) from None
+        except Exception as error:  # no traceback in the logs: it could carry the backend's address
+            logger.error("The relay failed with %s.", type(error).__name__)
+            raise gr.Error(FAILED, print_exception=False) from None
         finally:
             for path in files:  # Gradio has copied them into its cache by now
                 path.unlink(missing_ok=True)
