@@ -7,7 +7,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import gradio as gr
 import numpy as np
@@ -33,6 +33,8 @@ SCENES = {
     "formal": "an elegant wood-panelled office with warm studio lighting",
 }
 PEOPLE = {"male": "man", "female": "woman"}
+Category = Literal[tuple(SCENES)]  # the API page lists the valid values; predict_api still checks them
+Gender = Literal[tuple(PEOPLE)]
 
 logger = logging.getLogger("backdrop")
 
@@ -73,7 +75,7 @@ def create_app(
     gpu = threading.Lock()  # one job inside the pipeline, even while a cancelled job's thread winds down
     encoder = ThreadPoolExecutor(3, thread_name_prefix="png")  # zlib frees the GIL: the three PNGs encode at once
 
-    def predict_api(image_b64: str, category: str, gender: str) -> tuple[str, str, str, str]:
+    def predict_api(image_b64: str, category: Category, gender: Gender) -> tuple[str, str, str, str]:
         """Segment the person in the photo and composite them onto a generated backdrop.
 
         Takes the photo as base64 or a data URL; returns the photo as processed, the class overlay and the
@@ -130,7 +132,7 @@ def serve(demo: gr.Blocks, *, token: str | None = BACKEND_TOKEN, warm_up: bool =
 def run_warm_up(url: str, token: str | None) -> None:
     """Run one request through the app's own queue: Gradio gives no ETA until one run has finished."""
     started = time.perf_counter()
-    gradient = np.linspace(0, 255, 256 * 256 * 3, dtype=np.float32).reshape(256, 256, 3).astype(np.uint8)
+    gradient = np.linspace(0, 255, 512 * 512 * 3, dtype=np.float32).reshape(512, 512, 3).astype(np.uint8)
     try:
         client = Client(url, token=token or False, verbose=False, download_files=False)
         client.predict(encode_png(Image.fromarray(gradient)), "casual", "female", api_name=f"/{API_NAME}")

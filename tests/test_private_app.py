@@ -266,3 +266,8 @@ def test_same_inputs_give_the_same_outputs(tiny_backend, photo_b64):
     other = client.predict(photo_b64, "casual", "female", api_name=API)
     assert first[:3] == second[:3]
     assert other[2] != first[2]  # another prompt and seed paint another backdrop
+
+
+def test_the_api_page_lists_the_valid_choices(backend):
+    parameters = httpx.get(f"{backend}gradio_api/info").json()["named_endpoints"][API]["parameters"]
+    assert [p["type"].get("enum") for p in parameters] == [None, ["casual", "formal"], ["male", "female"]]
