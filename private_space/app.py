@@ -132,7 +132,7 @@ def serve(demo: gr.Blocks, *, token: str | None = BACKEND_TOKEN, warm_up: bool =
 def run_warm_up(url: str, token: str | None) -> None:
     """Run one request through the app's own queue: Gradio gives no ETA until one run has finished."""
     started = time.perf_counter()
-    gradient = np.linspace(0, 255, 512 * 512 * 3, dtype=np.float32).reshape(512, 512, 3).astype(np.uint8)
+    gradient = np.linspace(0, 255, 384 * 384 * 3, dtype=np.float32).reshape(384, 384, 3).astype(np.uint8)
     try:
         client = Client(url, token=token or False, verbose=False, download_files=False)
         client.predict(encode_png(Image.fromarray(gradient)), "casual", "female", api_name=f"/{API_NAME}")

@@ -134,10 +134,10 @@ def test_a_dropped_connection_cancels_only_that_visitors_job(private_app, public
 
 
 def test_backend_validation_sentence_is_relayed_as_it_is(private_app, public_app):
-    with stack(private_app, public_app, max_megapixels=0.1) as s, pytest.raises(AppError) as raised:
+    with stack(private_app, public_app, max_megapixels=0.2) as s, pytest.raises(AppError) as raised:
         visitor(s.front).predict(handle_file(str(EXAMPLE_PHOTO)), "casual", "male", api_name=API)
     assert (
-        str(raised.value) == "The photo is 512×512 pixels; the limit is 0.1 megapixels. Please send a smaller photo."
+        str(raised.value) == "The photo is 512×512 pixels; the limit is 0.2 megapixels. Please send a smaller photo."
     )
 
 
@@ -258,7 +258,7 @@ def test_zero_gpu_tokens_are_forwarded_per_visitor_and_never_stick(public_app):
 
 def test_no_token_or_backend_address_reaches_pages_responses_or_logs(private_app, public_app, caplog, capfd):
     caplog.set_level("DEBUG")
-    with stack(private_app, public_app, max_megapixels=0.1) as s:
+    with stack(private_app, public_app, max_megapixels=0.2) as s:
         back_address = s.back.rstrip("/").removeprefix("http://")
         texts = [httpx.get(f"{s.front}{path}").text for path in ("", "config", "gradio_api/info")]
         client = visitor(s.front)
