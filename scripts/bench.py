@@ -262,7 +262,7 @@ def backend_on_models(models: Path, token: str) -> None:
         with rss:
             for line in process.stdout:
                 if "Warm-up done in" in line:
-                    warm_up = line.rsplit("Warm-up done in", 1)[1].strip()
+                    warm_up = line.rsplit("Warm-up done in", 1)[1].strip().rstrip(".")
                     break
             loaded = max(rss.samples)
         client = Client(f"http://127.0.0.1:{port}/", token=token, verbose=False, download_files=False, ssl_verify=SSL)
