@@ -51,8 +51,10 @@ def about(seconds: float) -> str:
     return f"about {seconds} s" if seconds < 90 else f"about {round(seconds / 60)} min"
 
 
-def describe(update: Update, now: float) -> str:
-    """The status line for an update; a queue estimate counts down from when it arrived."""
+def describe(update: Update | None, now: float) -> str:
+    """The status line for an update (None: nothing heard yet); a queue estimate counts down from when it arrived."""
+    if update is None:
+        return "Sending your photo…"
     if isinstance(update, Waking):
         return "Waking up the GPU… this can take a minute."
     if isinstance(update, Queued):
@@ -131,7 +133,7 @@ def relay(backend: Backend | None, max_side: int) -> Callable[..., AsyncIterator
         photo = await asyncio.to_thread(photo_bytes, image["path"], max_side)
         updates = backend.predict(photo, category, gender, ip_token=request.headers.get("x-ip-token"))
         del photo  # the relay holds it until it is sent, and no longer
-        latest: Update = Waking()
+        latest: Update | None = None
         files: list[Path] = []
         try:
             async with contextlib.aclosing(ticking(updates)) as stream:
