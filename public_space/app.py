@@ -108,7 +108,10 @@ async def ticking(updates: AsyncIterator[Update]) -> AsyncIterator[Update | None
         await updates.aclose()
 
 
-def relay(backend: Backend | None, max_side: int) -> Callable[..., AsyncIterator[tuple[str | None, str | None, str]]]:
+Outputs = tuple[str | None, str | None, str]  # overlay file, result file, status line
+
+
+def relay_endpoint(backend: Backend | None, max_side: int) -> Callable[..., AsyncIterator[Outputs]]:
     """The endpoint: one visitor's request, relayed to the backend as its own job."""
     outputs_dir = Path(tempfile.mkdtemp(prefix="backdrop-"))
 
@@ -119,7 +122,7 @@ def relay(backend: Backend | None, max_side: int) -> Callable[..., AsyncIterator
 
     async def predict_api(
         image: dict[str, Any] | None, category: str, gender: str, request: gr.Request
-    ) -> AsyncIterator[tuple[str | None, str | None, str]]:
+    ) -> AsyncIterator[Outputs]:
         """Segment the person in the photo and composite them onto a generated backdrop, streaming the status."""
         progress = gr.Progress()
         if backend is None:
@@ -191,7 +194,7 @@ def create_app(
                 )
                 result = gr.Image(label="Result", type="filepath", format="png", interactive=False, elem_id="result")
         job = run.click(
-            relay(backend, max_side),
+            relay_endpoint(backend, max_side),
             inputs=[photo, category, gender],
             outputs=[overlay, result, status],
             api_name=API_NAME,

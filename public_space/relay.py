@@ -225,10 +225,6 @@ class Backend:
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
 
-    async def aclose(self) -> None:
-        if self._http is not None:
-            await self._http.aclose()
-
 
 def _join_body(fn_index: int, session: str, photo: bytes, category: str, gender: str) -> bytes:
     """The queue join's JSON, with the photo base64-encoded straight into it (base64 needs no JSON escaping).
