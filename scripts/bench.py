@@ -279,7 +279,16 @@ def backend_on_models(models: Path, token: str) -> None:
     print(f"tiny models: peak RSS during the call {peak:.0f} MiB (+{peak - before:.0f})")
 
 
+# Further modes, each in a module of its own beside this one: `python scripts/bench.py MODE --help`.
+MODES: dict[str, str] = {}
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in MODES:
+        sys.path.insert(0, str(ROOT / "scripts"))
+        module = __import__(MODES[sys.argv[1]])
+        module.main(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--service-time", type=float, default=0.5, help="the stand-in's seconds per job (S)")
     parser.add_argument("--callers", type=int, default=24, help="concurrent callers in the load run (N)")
