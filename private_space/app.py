@@ -1,12 +1,12 @@
-"""Backdrop's private GPU Space: one guarded endpoint, `predict_api`, running one GPU job at a time."""
+"""Backdrop's private GPU Space: one guarded endpoint, `predict_api`, with the GPU never waiting on the CPU."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, Protocol
 
 import gradio as gr
@@ -14,18 +14,23 @@ import numpy as np
 from gradio_client import Client
 from PIL import Image
 
+from gpu_gate import GpuGate
 from guard import launch_guarded
-from imaging import PhotoError, composite, decode_photo, encode_png, overlay, seed_for
+from imaging import Photo, PhotoError, composite, decode_photo, encode_photo, overlay, seed_for
 
 SEGMENTATION_MODEL = os.getenv("SEGMENTATION_MODEL", "mattmdjaga/segformer_b2_clothes")
 BACKGROUND_MODEL = os.getenv("BACKGROUND_MODEL", "stabilityai/sd-turbo")
 BACKGROUND_STEPS = int(os.getenv("BACKGROUND_STEPS", "1"))
 QUEUE_MAX_SIZE = int(os.getenv("QUEUE_MAX_SIZE", "32"))
+GPU_CONCURRENCY = int(os.getenv("GPU_CONCURRENCY", "1"))  # GPU jobs at once: 1 on a dedicated GPU, more on ZeroGPU
 MAX_SIDE = int(os.getenv("MAX_SIDE", "1024"))
 MAX_UPLOAD_MB = float(os.getenv("MAX_UPLOAD_MB", "10"))
 MAX_MEGAPIXELS = float(os.getenv("MAX_MEGAPIXELS", "40"))
 BACKEND_TOKEN = os.getenv("BACKEND_TOKEN") or None
 API_NAME = "predict_api"
+# Every relayed request is a session of its own that never comes back, and Gradio keeps each session's last
+# inputs and outputs (a photo and two pictures) until it has this many newer ones. Nothing here reads them.
+KEPT_SESSIONS = 1
 
 # The choices, each defined once: adding a category is one line here.
 SCENES = {
@@ -66,53 +71,73 @@ def _check_choice(value: str, choices: dict[str, str], what: str) -> None:
 def create_app(
     pipeline: Pipeline,
     *,
+    gpu_concurrency: int = GPU_CONCURRENCY,
     queue_max_size: int = QUEUE_MAX_SIZE,
     max_side: int = MAX_SIDE,
     max_upload_mb: float = MAX_UPLOAD_MB,
     max_megapixels: float = MAX_MEGAPIXELS,
 ) -> gr.Blocks:
-    """Build the API-only app around `pipeline`; serve it with `serve()`, which adds the guard."""
-    gpu = threading.Lock()  # one job inside the pipeline, even while a cancelled job's thread winds down
-    encoder = ThreadPoolExecutor(3, thread_name_prefix="png")  # zlib frees the GIL: the three PNGs encode at once
+    """Build the API-only app around `pipeline`; serve it with `serve()`, which adds the guard.
 
-    def predict_api(image_b64: str, category: Category, gender: Gender) -> tuple[str, str, str, str]:
+    Gradio's queue runs two jobs per GPU, so that decoding the next photo and encoding the last results happen
+    while the GPU works; the gate lets `gpu_concurrency` of them into the pipeline at once, never more, even while
+    a cancelled job's thread winds down.
+    """
+    gate = GpuGate(gpu_concurrency)
+
+    async def predict_api(image_b64: str, category: Category, gender: Gender) -> tuple[str, str, str, str]:
         """Segment the person in the photo and composite them onto a generated backdrop.
 
-        Takes the photo as base64 or a data URL; returns the photo as processed, the class overlay and the
-        result as base64 PNGs, and a status sentence.
+        Takes the photo as base64 or a data URL. Returns, as base64: the photo the models saw (your own bytes
+        when it needed no change, else WebP), the class overlay and the result (both WebP); and a status sentence.
         """
         started = time.perf_counter()
         _check_choice(category, SCENES, "category")
         _check_choice(gender, PEOPLE, "gender")
+        progress = gr.Progress()
         try:
-            photo = decode_photo(
-                image_b64,
-                max_bytes=int(max_upload_mb * 2**20),
-                max_pixels=int(max_megapixels * 1e6),
-                max_side=max_side,
-            )
+            photo = await asyncio.to_thread(decode, image_b64)
         except PhotoError as error:
             raise gr.Error(str(error), print_exception=False) from None
-        progress = gr.Progress()
         image = photo.image
-        with gpu:
-            try:
-                seed = seed_for(image, category, gender)
-                class_map, background = pipeline.render(image, background_prompt(category, gender), seed, progress)
-            except Exception as error:
-                logger.error("The pipeline failed with %s.", type(error).__name__)  # no traceback: it names paths
-                raise gr.Error("Something went wrong while processing the photo. Please try again.") from None
+        prompt, seed = background_prompt(category, gender), seed_for(image, category, gender)
+        decoded = time.perf_counter()
+        try:
+            class_map, background = await gate.run(
+                lambda: pipeline.render(image, prompt, seed, progress),
+                waiting=lambda: progress(0.0, desc="Waiting for the GPU"),
+            )
+        except Exception as error:
+            logger.error("The pipeline failed with %s.", type(error).__name__)  # no traceback: it names paths
+            raise gr.Error("Something went wrong while processing the photo. Please try again.") from None
+        rendered = time.perf_counter()
         progress(0.95, desc="Compositing")
-        pictures = [overlay(image, class_map, len(pipeline.class_names)), composite(image, class_map, background)]
-        if photo.png_b64 is None:  # the photo itself needs encoding too
-            pictures.append(image)
-        overlay_b64, result_b64, *encoded = encoder.map(encode_png, pictures)
-        image_b64 = photo.png_b64 or encoded[0]
-        return image_b64, overlay_b64, result_b64, f"Done in {time.perf_counter() - started:.1f} s"
+        pictures = await asyncio.to_thread(finish, photo, class_map, background)
+        finished = time.perf_counter()
+        gate.record(decode=decoded - started, finish=finished - rendered)
+        gate.install(demo._queue, endpoint)  # from the first finished job on, ETAs follow the GPU (see gpu_gate)
+        return *pictures, f"Done in {finished - started:.1f} s"
+
+    def decode(image_b64: str) -> Photo:
+        return decode_photo(
+            image_b64,
+            max_bytes=int(max_upload_mb * 2**20),
+            max_pixels=int(max_megapixels * 1e6),
+            max_side=max_side,
+        )
+
+    def finish(photo: Photo, class_map: np.ndarray, background: Image.Image) -> tuple[str, str, str]:
+        """The photo the models saw, the class overlay and the result, encoded."""
+        return (
+            photo.original_b64 or encode_photo(photo.image),
+            encode_photo(overlay(photo.image, class_map, len(pipeline.class_names))),
+            encode_photo(composite(photo.image, class_map, background)),
+        )
 
     with gr.Blocks(title="Backdrop backend") as demo:
         gr.Markdown("This Space is API-only: the public Backdrop Space calls its `predict_api` endpoint.")
-        gr.api(predict_api, api_name=API_NAME, concurrency_limit=1)
+        gr.api(predict_api, api_name=API_NAME, concurrency_limit=gate.slots)
+    (endpoint,) = (fn for fn in demo.fns.values() if fn.api_name == API_NAME)
     demo.queue(max_size=queue_max_size, default_concurrency_limit=1)
     return demo
 
@@ -124,6 +149,7 @@ def serve(demo: gr.Blocks, *, token: str | None = BACKEND_TOKEN, warm_up: bool =
     """
     # Bodies up to twice the photo limit reach predict_api, which answers with a sentence; larger ones get a 413.
     limit = int(MAX_UPLOAD_MB * 2**20 * 2) + 2**20
+    launch_kwargs.setdefault("state_session_capacity", KEPT_SESSIONS)
     launch_guarded(demo, api_name=API_NAME, token=token, max_body_bytes=limit, **launch_kwargs)
     if warm_up:
         threading.Thread(target=run_warm_up, args=(demo.local_url, token), daemon=True, name="warm-up").start()
@@ -135,7 +161,7 @@ def run_warm_up(url: str, token: str | None) -> None:
     gradient = np.linspace(0, 255, 384 * 384 * 3, dtype=np.float32).reshape(384, 384, 3).astype(np.uint8)
     try:
         client = Client(url, token=token or False, verbose=False, download_files=False)
-        client.predict(encode_png(Image.fromarray(gradient)), "casual", "female", api_name=f"/{API_NAME}")
+        client.predict(encode_photo(Image.fromarray(gradient)), "casual", "female", api_name=f"/{API_NAME}")
         client.close()
     except Exception as error:
         logger.error("Warm-up failed with %s; ETAs will appear after the first request.", type(error).__name__)

@@ -1,4 +1,4 @@
-"""Photo decoding and validation, PNG encoding, the class overlay and the composite. No model code here."""
+"""Photo decoding and validation, the class overlay, the composite and photo encoding. No model code here."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class PhotoError(ValueError):
 @dataclass(frozen=True)
 class Photo:
     image: Image.Image  # upright RGB, long side at most max_side: what the models see
-    png_b64: str | None  # the input itself when it already is a PNG of exactly `image` (no re-encoding needed)
+    original_b64: str | None  # the caller's own base64 when `image` is exactly what it decodes to (no re-encoding)
 
 
 def decode_photo(image_b64: str, *, max_bytes: int, max_pixels: int, max_side: int) -> Photo:
@@ -53,7 +53,7 @@ def decode_photo(image_b64: str, *, max_bytes: int, max_pixels: int, max_side: i
         photo.load()
     except (OSError, SyntaxError, ValueError):
         raise PhotoError("The photo is truncated or damaged. Please send it again.") from None
-    untouched = photo.format == "PNG" and photo.mode == "RGB" and max(photo.size) <= max_side
+    untouched = photo.mode == "RGB" and max(photo.size) <= max_side
     if untouched and photo.getexif().get(ORIENTATION, 1) == 1:
         return Photo(photo, text)
     image = _flatten(ImageOps.exif_transpose(photo))
@@ -89,9 +89,13 @@ def _flatten(photo: Image.Image) -> Image.Image:
     return photo.convert("RGB")
 
 
-def encode_png(image: Image.Image) -> str:
+def encode_photo(image: Image.Image) -> str:
+    """`image` as base64 WebP at quality 90: no visible difference from the original, ~80 kB at 1024×768.
+
+    A PNG of the same picture is ~1 MB and takes ~100 ms to encode; a JPEG at quality 90 is ~130 kB.
+    """
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)  # level 1: ~5x faster than the default, a little larger
+    image.save(buffer, format="WEBP", quality=90, method=2)  # method 2: half the time of the default, same size
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

@@ -86,6 +86,15 @@ def photo_bytes(path: str, max_side: int) -> bytes:
     return buffer.getvalue()
 
 
+def picture_suffix(data: bytes) -> str:
+    """The file suffix for an image the backend sent (WebP today), so that it is served and saved as what it is."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return ".webp"
+    if data[:3] == b"\xff\xd8\xff":
+        return ".jpg"
+    return ".png"
+
+
 async def ticking(updates: AsyncIterator[Update]) -> AsyncIterator[Update | None]:
     """The backend's updates as they come, and None every TICK_S between them (to count down and check in)."""
     pending = asyncio.ensure_future(anext(updates))
@@ -115,9 +124,10 @@ def relay_endpoint(backend: Backend | None, max_side: int) -> Callable[..., Asyn
     """The endpoint: one visitor's request, relayed to the backend as its own job."""
     outputs_dir = Path(tempfile.mkdtemp(prefix="backdrop-"))
 
-    def save_png(b64: str, name: str) -> str:
-        path = outputs_dir / f"{name}-{time.monotonic_ns()}.png"
-        path.write_bytes(base64.b64decode(b64))
+    def save_picture(b64: str, name: str) -> str:
+        data = base64.b64decode(b64)
+        path = outputs_dir / f"{name}-{time.monotonic_ns()}{picture_suffix(data)}"
+        path.write_bytes(data)
         return str(path)
 
     async def predict_api(
@@ -146,8 +156,8 @@ def relay_endpoint(backend: Backend | None, max_side: int) -> Callable[..., Asyn
                         progress(latest.fraction, desc=latest.desc)
                     if isinstance(latest, Finished):
                         files = [
-                            Path(save_png(latest.overlay_b64, "overlay")),
-                            Path(save_png(latest.result_b64, "result")),
+                            Path(save_picture(latest.overlay_b64, "overlay")),
+                            Path(save_picture(latest.result_b64, "result")),
                         ]
                         yield str(files[0]), str(files[1]), latest.status
                         return
@@ -189,10 +199,8 @@ def create_app(
                     stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=80)
                 status = gr.Markdown(elem_id="status")
             with gr.Column(min_width=280):
-                overlay = gr.Image(
-                    label="Overlay", type="filepath", format="png", interactive=False, elem_id="overlay"
-                )
-                result = gr.Image(label="Result", type="filepath", format="png", interactive=False, elem_id="result")
+                overlay = gr.Image(label="Overlay", type="filepath", interactive=False, elem_id="overlay")
+                result = gr.Image(label="Result", type="filepath", interactive=False, elem_id="result")
         job = run.click(
             relay_endpoint(backend, max_side),
             inputs=[photo, category, gender],

@@ -11,7 +11,7 @@ import zlib
 
 import httpx
 import pytest
-from conftest import running
+from conftest import EXAMPLE_PHOTO, running, wait_until
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -30,9 +30,9 @@ def png_b64(image: Image.Image, fmt: str = "PNG") -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def decode(b64: str) -> Image.Image:
+def decode(b64: str, fmt: str = "WEBP") -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    assert image.format == "PNG"
+    assert image.format == fmt
     return image
 
 
@@ -59,9 +59,19 @@ def backend(private_app, standin):
 
 def test_happy_path_returns_photo_overlay_result_and_status(backend, photo_b64):
     image, overlay, result, status = client_for(backend).predict(photo_b64, "formal", "female", api_name=API)
-    assert [decode(b64).size for b64 in (image, overlay, result)] == [(512, 512)] * 3
+    assert image == photo_b64  # the photo needed no change: the caller's own bytes come back
+    assert [decode(b64).size for b64 in (overlay, result)] == [(512, 512)] * 2
     assert status.startswith("Done in ")
-    assert decode(image).mode == "RGB"
+
+
+def test_a_1024x768_response_travels_as_photos(backend):
+    """Overlay and result come back as WebP, and a whole 1024×768 response stays well under a megabyte."""
+    photo = Image.open(EXAMPLE_PHOTO).convert("RGB").resize((1024, 768))
+    jpeg = png_b64(photo, "JPEG")
+    response = client_for(backend).predict(jpeg, "casual", "male", api_name=API)
+    assert response[0] == jpeg
+    assert [decode(b64).size for b64 in response[1:3]] == [(1024, 768)] * 2
+    assert sum(map(len, response)) <= 400_000
 
 
 def test_accepts_a_data_url_and_downscales_to_max_side(private_app, standin):
@@ -69,14 +79,14 @@ def test_accepts_a_data_url_and_downscales_to_max_side(private_app, standin):
     demo = private_app.create_app(standin, max_side=300)
     with running(demo, private_app.serve, warm_up=False) as url:
         image, *_ = client_for(url).predict("data:image/png;base64," + png_b64(big), "casual", "male", api_name=API)
-    assert decode(image).size == (300, 150)
+    assert decode(image).size == (300, 150)  # changed, so encoded again
 
 
-def test_a_jpeg_comes_back_as_the_png_the_models_saw(backend, standin):
-    jpeg = png_b64(Image.new("RGB", (320, 200), "teal"), "JPEG")
-    image, *_ = client_for(backend).predict(jpeg, "casual", "male", api_name=API)
-    assert decode(image).size == (320, 200)
-    assert standin.sizes == [(320, 200)]
+def test_a_photo_that_must_change_comes_back_as_the_photo_the_models_saw(backend, standin):
+    grey = png_b64(Image.new("L", (320, 200), 128), "JPEG")
+    image, *_ = client_for(backend).predict(grey, "casual", "male", api_name=API)
+    assert decode(image).mode == "RGB"
+    assert decode(image).size == standin.sizes[0] == (320, 200)
 
 
 def test_prompt_comes_from_category_and_gender(backend, photo_b64, standin):
@@ -174,6 +184,61 @@ def test_simultaneous_requests_never_overlap_in_the_pipeline(private_app, photo_
     assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(starts_ends))
 
 
+def test_the_next_photo_is_decoded_while_the_gpu_works(private_app, photo_b64):
+    """Gradio starts the next job while one is in the pipeline; the gate keeps it out until the GPU is free."""
+    standin = StandInPipeline(service_time=1.0)
+    with running(private_app.create_app(standin), private_app.serve, warm_up=False) as url:
+        first = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
+        wait_until(lambda: standin.inside == 1)
+        second = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
+        wait_until(lambda: "Waiting for the GPU" in str(second.status().progress_data))  # decoded, started
+        assert not standin.intervals  # the first job still holds the GPU
+        assert first.result(timeout=30)[3]
+        assert second.result(timeout=30)[3]
+    assert standin.max_inside == 1
+
+
+def test_gpu_concurrency_jobs_run_together_and_never_more(private_app, photo_b64):
+    standin = StandInPipeline(service_time=0.5)
+    demo = private_app.create_app(standin, gpu_concurrency=2)
+    with running(demo, private_app.serve, warm_up=False) as url:
+        jobs = [client_for(url).submit(photo_b64, "casual", "male", api_name=API) for _ in range(6)]
+        assert all(job.result(timeout=30)[3].startswith("Done") for job in jobs)
+    assert standin.max_inside == 2
+
+
+def test_finished_sessions_keep_no_inputs_or_outputs(private_app):
+    """Each relayed request is a session that never comes back: Gradio must not hold on to its photos."""
+    demo = private_app.create_app(StandInPipeline())
+    photos = [png_b64(Image.new("RGB", (64, 64), colour), "JPEG") for colour in ("red", "green", "blue")]
+    with running(demo, private_app.serve, warm_up=False) as url:
+        outputs = [client_for(url).predict(photo, "casual", "male", api_name=API) for photo in photos]
+        held = list(demo.state_holder.session_data.values())
+    assert len(held) <= 1
+    kept = repr([session.config_values for session in held])
+    assert sum(output[1] in kept for output in outputs) <= 1  # the latest session's, until the next one comes
+
+
+def test_queued_callers_get_their_place_and_an_eta_that_follows_the_gpu(private_app, photo_b64):
+    service_time = 0.8
+    standin = StandInPipeline(service_time=service_time)
+    with running(private_app.create_app(standin), private_app.serve, warm_up=True) as url:
+        wait_until(lambda: standin.intervals)
+        callers = [client_for(url) for _ in range(5)]
+        jobs = [caller.submit(photo_b64, "casual", "male", api_name=API) for caller in callers[:2]]
+        wait_until(lambda: all(job.status().code.name != "STARTING" for job in jobs))  # one on the GPU, one next
+        finishes = []  # when each queued caller was told its job would finish
+        for rank, caller in enumerate(callers[2:]):
+            jobs.append(caller.submit(photo_b64, "casual", "male", api_name=API))
+            wait_until(lambda: jobs[-1].status().eta is not None)
+            status = jobs[-1].status()
+            assert (status.code.name, status.rank) == ("IN_QUEUE", rank)
+            finishes.append(status.time.timestamp() + status.eta)
+        assert all(job.result(timeout=30) for job in jobs)
+    steps = [later - earlier for earlier, later in itertools.pairwise(finishes)]
+    assert all(0.5 * service_time < step < 1.5 * service_time for step in steps)  # one GPU time per place
+
+
 def test_a_cancelled_running_job_never_runs_beside_the_next(private_app, photo_b64):
     """Gradio frees the slot of a cancelled job while its thread runs on; the pipeline lock holds the next."""
     standin = StandInPipeline(service_time=1.0)
@@ -193,14 +258,14 @@ def test_a_full_queue_gives_a_clear_error(private_app, photo_b64):
     with running(private_app.create_app(standin, queue_max_size=1), private_app.serve, warm_up=False) as url:
         client = client_for(url)
         running_job = client.submit(photo_b64, "casual", "male", api_name=API)
-        while standin.inside == 0:
-            time.sleep(0.01)
+        wait_until(lambda: standin.inside == 1)
+        next_job = client.submit(photo_b64, "casual", "male", api_name=API)  # started: decoded, waiting for the GPU
+        wait_until(lambda: next_job.status().code.name == "PROGRESS")
         queued = client.submit(photo_b64, "casual", "male", api_name=API)
         time.sleep(0.3)
         with pytest.raises(Exception, match="Queue is full"):
             client_for(url).predict(photo_b64, "casual", "male", api_name=API)
-        assert running_job.result(timeout=30)[3]
-        assert queued.result(timeout=30)[3]
+        assert all(job.result(timeout=30)[3] for job in (running_job, next_job, queued))
 
 
 def test_warm_up_gives_the_first_visitor_an_eta(private_app, photo_b64):
@@ -211,7 +276,7 @@ def test_warm_up_gives_the_first_visitor_an_eta(private_app, photo_b64):
             time.sleep(0.05)
         time.sleep(0.3)
         client = client_for(url)
-        blocker = client.submit(photo_b64, "casual", "male", api_name=API)
+        blockers = [client.submit(photo_b64, "casual", "male", api_name=API) for _ in range(2)]  # both slots
         waiting = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
         etas = []
         while not waiting.done():
@@ -219,8 +284,8 @@ def test_warm_up_gives_the_first_visitor_an_eta(private_app, photo_b64):
             if status.code.name == "IN_QUEUE":
                 etas.append(status.eta)
             time.sleep(0.02)
-        blocker.result(timeout=30)
-    assert len(standin.intervals) == 3  # the warm-up went through the pipeline
+        assert all(blocker.result(timeout=30) for blocker in blockers)
+    assert len(standin.intervals) == 4  # the warm-up went through the pipeline
     assert etas
     assert etas[0] is not None
     assert etas[0] > 0
@@ -249,7 +314,7 @@ def tiny_backend(private_app, tiny_models):
 
 def test_happy_path_on_the_real_model_code(tiny_backend, photo_b64):
     image, overlay, result, status = client_for(tiny_backend).predict(photo_b64, "casual", "male", api_name=API)
-    photo = decode(image)
+    photo = decode(image, "PNG")
     assert photo.size == decode(overlay).size == decode(result).size == (512, 512)
     assert decode(overlay).tobytes() != photo.tobytes()  # classes were tinted
     assert status.startswith("Done in ")

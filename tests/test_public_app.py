@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import gradio as gr
 import httpx
@@ -30,6 +31,15 @@ def statuses(job) -> list[str]:
     return [output[2] for output in job.outputs()]
 
 
+def fill_the_gpu(s: Stack) -> list:
+    """Two visitors: one on the GPU, one decoded beside it and waiting for the GPU (the backend's two slots)."""
+    jobs = [submit(visitor(s.front))]
+    wait_until(lambda: s.standin.inside == 1)
+    jobs.append(submit(visitor(s.front)))
+    wait_until(lambda: "Waiting for the GPU" in "".join(statuses(jobs[1])))
+    return jobs
+
+
 def test_relay_happy_path(private_app, public_app):
     with stack(private_app, public_app) as s:
         overlay, result, status = visitor(s.front).predict(
@@ -38,7 +48,7 @@ def test_relay_happy_path(private_app, public_app):
     assert status.startswith("Done in ")
     for path in (overlay, result):
         with Image.open(path) as image:
-            assert (image.format, image.size) == ("PNG", (512, 512))
+            assert (image.format, image.size, Path(path).suffix) == ("WEBP", (512, 512), ".webp")
     assert "formal portrait of a man" in s.standin.prompts[-1]
 
 
@@ -53,15 +63,14 @@ def test_a_large_photo_is_downscaled_before_it_is_sent(private_app, public_app, 
     assert standin.sizes == [(600, 300)]
 
 
-def test_third_caller_sees_its_place_an_eta_then_progress_then_results(private_app, public_app):
+def test_a_queued_caller_sees_its_place_an_eta_then_progress_then_results(private_app, public_app):
     with stack(private_app, public_app, service_time=1.0) as s:
-        jobs = [submit(visitor(s.front))]
-        wait_until(lambda: s.standin.inside == 1)
+        jobs = fill_the_gpu(s)
         jobs.append(submit(visitor(s.front)))
         wait_until(lambda: queued(s) == 1)
         jobs.append(submit(visitor(s.front)))
-        overlay, result, status = jobs[2].result(timeout=30)
-        seen = statuses(jobs[2])
+        overlay, result, status = jobs[3].result(timeout=30)
+        seen = statuses(jobs[3])
     second = [line for line in seen if line.startswith("You are 2nd in line · about ")]
     assert second, seen
     working = [i for i, line in enumerate(seen) if line.startswith("Working on your photo")]
@@ -80,30 +89,26 @@ def queued(s: Stack) -> int:
 
 def test_countdown_is_smooth_between_backend_updates(private_app, public_app):
     with stack(private_app, public_app, service_time=3.0) as s:
-        first, second = submit(visitor(s.front)), None
-        wait_until(lambda: s.standin.inside == 1)
-        second = submit(visitor(s.front))
-        second.result(timeout=30)
-        first.result(timeout=30)
-    waits = [int(line.split("about ")[1].split(" s")[0]) for line in statuses(second) if "about" in line]
+        ahead = fill_the_gpu(s)
+        waiting = submit(visitor(s.front))
+        assert all(job.result(timeout=30) for job in [*ahead, waiting])
+    waits = [int(line.split("about ")[1].split(" s")[0]) for line in statuses(waiting) if "about" in line]
     assert len(waits) >= 3, waits
     assert waits == sorted(waits, reverse=True), waits
 
 
 def test_cancelling_a_queued_visitor_touches_no_one_else(private_app, public_app):
-    with stack(private_app, public_app, service_time=1.0) as s:
-        first = submit(visitor(s.front))
-        wait_until(lambda: s.standin.inside == 1)
+    with stack(private_app, public_app, service_time=2.0) as s:
+        ahead = fill_the_gpu(s)
         second = submit(visitor(s.front))
         wait_until(lambda: queued(s) == 1)
         third = submit(visitor(s.front))
         wait_until(lambda: queued(s) == 2)
         third.cancel()
         wait_until(lambda: queued(s) == 1, timeout=5)  # the third left the backend queue at once
-        assert first.result(timeout=30)[2].startswith("Done")
-        assert second.result(timeout=30)[2].startswith("Done")
+        assert all(job.result(timeout=30)[2].startswith("Done") for job in [*ahead, second])
         time.sleep(0.5)
-    assert len(s.standin.intervals) == 1 + 2  # warm-up, first, second: the third never ran
+    assert len(s.standin.intervals) == 1 + 3  # warm-up, the two ahead, second: the third never ran
     assert s.standin.max_inside == 1
 
 
@@ -150,15 +155,13 @@ def test_a_non_image_gets_a_sentence(private_app, public_app, tmp_path):
 
 def test_a_full_backend_queue_says_busy(private_app, public_app):
     with stack(private_app, public_app, service_time=2.0, queue_max_size=1) as s:
-        first = submit(visitor(s.front))
-        wait_until(lambda: s.standin.inside == 1)
-        second = submit(visitor(s.front))
+        ahead = fill_the_gpu(s)
+        queued_job = submit(visitor(s.front))
         wait_until(lambda: queued(s) == 1)
         with pytest.raises(AppError) as raised:
             submit(visitor(s.front)).result(timeout=30)
         assert str(raised.value) == BUSY
-        assert first.result(timeout=30)[2].startswith("Done")
-        assert second.result(timeout=30)[2].startswith("Done")
+        assert all(job.result(timeout=30)[2].startswith("Done") for job in [*ahead, queued_job])
 
 
 def test_a_waking_backend_is_waited_for(private_app, public_app):
