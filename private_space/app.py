@@ -20,6 +20,7 @@ from imaging import PhotoError, composite, decode_photo, encode_png, overlay, se
 SEGMENTATION_MODEL = os.getenv("SEGMENTATION_MODEL", "mattmdjaga/segformer_b2_clothes")
 BACKGROUND_MODEL = os.getenv("BACKGROUND_MODEL", "stabilityai/sd-turbo")
 BACKGROUND_STEPS = int(os.getenv("BACKGROUND_STEPS", "1"))
+VAE_MODEL = os.getenv("VAE_MODEL") or None  # a tiny autoencoder (e.g. madebyollin/taesd) to decode with instead
 QUEUE_MAX_SIZE = int(os.getenv("QUEUE_MAX_SIZE", "32"))
 MAX_SIDE = int(os.getenv("MAX_SIDE", "1024"))
 MAX_UPLOAD_MB = float(os.getenv("MAX_UPLOAD_MB", "10"))
@@ -148,6 +149,6 @@ if __name__ == "__main__":
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    app = create_app(Backdrop(SEGMENTATION_MODEL, BACKGROUND_MODEL, steps=BACKGROUND_STEPS))
+    app = create_app(Backdrop(SEGMENTATION_MODEL, BACKGROUND_MODEL, steps=BACKGROUND_STEPS, vae_model=VAE_MODEL))
     serve(app)
     app.block_thread()
