@@ -101,7 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--background-model", default=BACKGROUND_MODEL, metavar="ID", help="variable BACKGROUND_MODEL")
     add("--steps", type=int, default=1, metavar="N", help="variable BACKGROUND_STEPS: diffusion steps per backdrop")
     add("--queue-max-size", type=int, default=32, metavar="N", help="variable QUEUE_MAX_SIZE: requests that may wait")
-    add("--gpu-duration", type=int, default=30, metavar="S", help="variable GPU_DURATION_S: ZeroGPU s per request")
+    add("--gpu-duration", type=int, default=30, metavar="S", help="variable GPU_DURATION_S: cap on ZeroGPU s/request")
+    add(
+        "--vae-model",
+        metavar="ID",
+        help="variable VAE_MODEL (set only when given): a tiny autoencoder that decodes instead of the full VAE, "
+        "e.g. madebyollin/taesd on CPU hardware",
+    )
 
     frontend = commands.add_parser(
         "frontend",
@@ -244,6 +250,8 @@ def deploy_backend(plan: Plan, args: argparse.Namespace, write_token: str | None
         "QUEUE_MAX_SIZE": str(args.queue_max_size),
         "GPU_DURATION_S": str(args.gpu_duration),
     }
+    if args.vae_model:
+        variables["VAE_MODEL"] = args.vae_model
     _configure_upload_wait(plan, args, folder, private=True, variables=variables, secret=("BACKEND_TOKEN", lock))
     _smoke_test(plan, args, token=lock or write_token or "", backend=True)
 

@@ -225,6 +225,16 @@ def test_backend_dry_run_prints_every_call_in_order_masked_and_sends_nothing(rep
     assert_no_secret(result, WRITE, LOCK)
 
 
+def test_backend_sets_vae_model_only_when_asked_to(repo: Path, hub: Hub) -> None:
+    plain = run_deploy(repo, hub, "backend", "--space", SPACE, "--dry-run", BACKEND_TOKEN=LOCK)
+    tiny = run_deploy(
+        repo, hub, "backend", "--space", SPACE, "--dry-run", "--vae-model", "madebyollin/taesd", BACKEND_TOKEN=LOCK
+    )
+    assert plain.returncode == tiny.returncode == 0, plain.stderr + tiny.stderr
+    assert "VAE_MODEL" not in plain.stdout
+    assert "key='VAE_MODEL', value='madebyollin/taesd')" in "\n".join(steps(tiny.stdout))
+
+
 def test_frontend_dry_run_prints_every_call_in_order_masked_and_sends_nothing(repo: Path, hub: Hub) -> None:
     result = run_deploy(
         repo, hub, "frontend", "--space", "me/backdrop", "--backend", SPACE, "--dry-run", BACKEND_READ_TOKEN=READ
