@@ -225,14 +225,25 @@ def test_backend_dry_run_prints_every_call_in_order_masked_and_sends_nothing(rep
     assert_no_secret(result, WRITE, LOCK)
 
 
-def test_backend_sets_vae_model_only_when_asked_to(repo: Path, hub: Hub) -> None:
-    plain = run_deploy(repo, hub, "backend", "--space", SPACE, "--dry-run", BACKEND_TOKEN=LOCK)
-    tiny = run_deploy(
-        repo, hub, "backend", "--space", SPACE, "--dry-run", "--vae-model", "madebyollin/taesd", BACKEND_TOKEN=LOCK
-    )
-    assert plain.returncode == tiny.returncode == 0, plain.stderr + tiny.stderr
-    assert "VAE_MODEL" not in plain.stdout
-    assert "key='VAE_MODEL', value='madebyollin/taesd')" in "\n".join(steps(tiny.stdout))
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ([], None),  # GPU hardware (t4-small): the full VAE
+        (["--hardware", "cpu-basic"], "madebyollin/taesd"),
+        (["--hardware", "cpu-upgrade", "--vae-model", ""], None),
+        (["--vae-model", "me/taesd"], "me/taesd"),
+    ],
+)
+def test_backend_sets_vae_model_on_cpu_hardware_or_when_asked_to(
+    repo: Path, hub: Hub, options: list[str], expected: str | None
+) -> None:
+    result = run_deploy(repo, hub, "backend", "--space", SPACE, "--dry-run", *options, BACKEND_TOKEN=LOCK)
+    assert result.returncode == 0, result.stderr
+    plan = "\n".join(steps(result.stdout))
+    if expected is None:
+        assert "VAE_MODEL" not in plan
+    else:
+        assert f"key='VAE_MODEL', value='{expected}')" in plan
 
 
 def test_frontend_dry_run_prints_every_call_in_order_masked_and_sends_nothing(repo: Path, hub: Hub) -> None:
