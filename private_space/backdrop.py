@@ -59,8 +59,10 @@ def gpu_seconds(steps: int, width: int, height: int, cap: int = GPU_DURATION_S) 
     return min(cap, math.ceil(GPU_START_S + (GPU_STEP_S * steps + GPU_DECODE_S) * scale))
 
 
-def _render_duration(model: Backdrop, photo: Image.Image, *_args: object, **_kwargs: object) -> int:
-    """`spaces.GPU`'s dynamic duration: called with render's own arguments before each call."""
+def _render_duration(
+    model: Backdrop, photo: Image.Image, prompt: str, seed: int, progress: Callable[..., object] | None = None
+) -> int:
+    """`spaces.GPU`'s dynamic duration: called with render's own arguments (self first) before each call."""
     return gpu_seconds(model.steps, *model.background_size(photo))
 
 

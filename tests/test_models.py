@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import inspect
 import io
 import logging
 import multiprocessing
@@ -166,7 +167,9 @@ def test_render_duration_takes_renders_arguments(backdrop: Backdrop, two_step: B
     """spaces.GPU calls the duration with the arguments of the call it is about to run (self first)."""
     wide = photo.crop((0, 0, 512, 256))
     assert _render_duration(backdrop, wide, PROMPT, 1, None) == gpu_seconds(1, *backdrop.background_size(wide))
-    assert _render_duration(two_step, photo, PROMPT, 1) == gpu_seconds(2, *two_step.background_size(photo))
+    assert _render_duration(two_step, photo, prompt=PROMPT, seed=1) == gpu_seconds(2, *two_step.background_size(photo))
+    duration, render = inspect.signature(_render_duration), inspect.signature(Backdrop.render)
+    assert list(duration.parameters)[1:] == list(render.parameters)[1:]  # keywords too: the same names
 
 
 def test_a_tiny_autoencoder_decodes_in_place_of_the_vae_through_the_app(
