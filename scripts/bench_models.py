@@ -1,6 +1,6 @@
 """Time one 1024x768 request stage by stage on full-size random-weight models, on this machine's CPU.
 
-    python scripts/bench.py models --full-size DIR [--runs 2] [--app full|tiny|none]
+    python scripts/bench.py models --full-size DIR [--runs 2] [--app both|full|tiny|none]
 
 DIR holds what `scripts/make_full_size_models.py --out DIR` writes (built there first if missing): SegFormer-B2 and
 sd-turbo at their real sizes, random weights, plus taesd's AutoencoderTiny. Prints, from one run:
@@ -8,8 +8,8 @@ sd-turbo at their real sizes, random weights, plus taesd's AutoencoderTiny. Prin
   segmentation, text encoding, each UNet step, the decode (full VAE, then AutoencoderTiny via `vae_model`), the
   rest of the pipeline, the app's compositing (overlay + composite) and the PNG encoding of its three pictures;
   the last of `--runs` renders counts (the first warms the CPU kernels up);
-- the private app itself (`private_space/app.py` on these folders, unchanged, with `VAE_MODEL` set for
-  `--app tiny`): its warm-up, one `predict_api` call with the 1024x768 JPEG, and the process's peak RSS.
+- the private app itself (`private_space/app.py` on these folders, unchanged; with the full VAE, then with
+  `VAE_MODEL` set to the tiny one): its warm-up, one `predict_api` call with the 1024x768 JPEG, its peak RSS.
 Everything runs at `nice` 10: the machine is shared. Expect several minutes and about 7 GB of memory.
 """
 
@@ -159,7 +159,9 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("--full-size", type=Path, required=True, metavar="DIR", help="full-size model folders")
     parser.add_argument("--runs", type=int, default=2, help="renders per decoder; the last one is reported")
-    parser.add_argument("--app", choices=("full", "tiny", "none"), default="full", help="run the app with this VAE")
+    parser.add_argument(
+        "--app", choices=("both", "full", "tiny", "none"), default="both", help="the app itself, with which decoder"
+    )
     args = parser.parse_args(argv)
     os.nice(10)
     models = args.full_size
@@ -178,5 +180,7 @@ def main(argv: list[str]) -> None:
         print(f"  {stage:52} {seconds:8.2f}s {tiny[stage]:8.2f}s")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"  peak RSS of this process (both loads, one after the other): {peak:.2f} GiB")
-    if args.app != "none":
-        run_app(models, str(models / "vae-tiny") if args.app == "tiny" else None)
+    if args.app in ("both", "full"):
+        run_app(models, None)
+    if args.app in ("both", "tiny"):
+        run_app(models, str(models / "vae-tiny"))
