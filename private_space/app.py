@@ -21,6 +21,7 @@ from imaging import Photo, PhotoError, composite, decode_photo, encode_photo, ov
 SEGMENTATION_MODEL = os.getenv("SEGMENTATION_MODEL", "mattmdjaga/segformer_b2_clothes")
 BACKGROUND_MODEL = os.getenv("BACKGROUND_MODEL", "stabilityai/sd-turbo")
 BACKGROUND_STEPS = int(os.getenv("BACKGROUND_STEPS", "1"))
+VAE_MODEL = os.getenv("VAE_MODEL") or None  # a tiny autoencoder (e.g. madebyollin/taesd) to decode with instead
 QUEUE_MAX_SIZE = int(os.getenv("QUEUE_MAX_SIZE", "32"))
 GPU_CONCURRENCY = int(os.getenv("GPU_CONCURRENCY", "1"))  # GPU jobs at once: 1 on a dedicated GPU, more on ZeroGPU
 MAX_SIDE = int(os.getenv("MAX_SIDE", "1024"))
@@ -174,6 +175,6 @@ if __name__ == "__main__":
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    app = create_app(Backdrop(SEGMENTATION_MODEL, BACKGROUND_MODEL, steps=BACKGROUND_STEPS))
+    app = create_app(Backdrop(SEGMENTATION_MODEL, BACKGROUND_MODEL, steps=BACKGROUND_STEPS, vae_model=VAE_MODEL))
     serve(app)
     app.block_thread()

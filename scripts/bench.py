@@ -280,7 +280,9 @@ def backend_on_models(models: Path, token: str) -> None:
 
 
 # Further modes, each in a module of its own beside this one: `python scripts/bench.py MODE --help`.
-MODES: dict[str, str] = {}
+MODES: dict[str, str] = {
+    "models": "bench_models",  # full-size models on CPU, stage by stage
+}
 
 
 def main() -> None:

@@ -7,6 +7,8 @@
 * ``DIR/background``: a ``StableDiffusionPipeline`` (tiny UNet, 2-block VAE, CLIP text encoder, a hand-written
   CLIP tokenizer vocabulary and ``EulerAncestralDiscreteScheduler``) that ``AutoPipelineForText2Image`` loads.
   Its native size is 128 px (UNet sample size 64 x VAE scale factor 2), not sd-turbo's 512.
+* ``DIR/vae-tiny``: an ``AutoencoderTiny`` with the same latents and scale factor (2) as that pipeline's VAE, to
+  load with ``VAE_MODEL`` in its place, as ``madebyollin/taesd`` replaces sd-turbo's.
 
 Weights are random but seeded, so two runs write the same tensors. Both folders reload with the same
 ``from_pretrained`` calls as the real Hub weights; they exist so tests and local runs need neither the Hub nor a GPU.
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderTiny,
     EulerAncestralDiscreteScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
@@ -121,6 +124,11 @@ def build_segmentation(out: Path) -> None:
         label2id={label: i for i, label in enumerate(LABELS)},
     )
     SegformerForSemanticSegmentation(config).eval().save_pretrained(out)
+    save_image_processor(out)
+
+
+def save_image_processor(out: Path) -> None:
+    """The real model's image processor: 512 px, ImageNet normalisation, labels as they are."""
     processor = SegformerImageProcessorPil(
         size={"height": 512, "width": 512},
         image_mean=[0.485, 0.456, 0.406],
@@ -193,18 +201,31 @@ def build_background(out: Path) -> None:
     pipe.save_pretrained(out)
 
 
+def build_vae_tiny(out: Path) -> None:
+    """A two-block AutoencoderTiny: 4 latent channels and scale factor 2, like the tiny pipeline's VAE."""
+    torch.manual_seed(SEED)
+    AutoencoderTiny(
+        encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8),
+        num_encoder_blocks=(1, 1),
+        num_decoder_blocks=(1, 1),
+        latent_channels=4,
+    ).save_pretrained(out)
+
+
 def folder_size(path: Path) -> int:
     """Total bytes of the files under ``path``."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse ``--out`` and write both tiny models under it."""
+    """Parse ``--out`` and write the tiny models under it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write segmentation/ and background/ into")
     args = parser.parse_args(argv)
 
-    for name, build in (("segmentation", build_segmentation), ("background", build_background)):
+    builds = (("segmentation", build_segmentation), ("background", build_background), ("vae-tiny", build_vae_tiny))
+    for name, build in builds:
         start = time.perf_counter()
         target = args.out / name
         build(target)

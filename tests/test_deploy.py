@@ -225,6 +225,27 @@ def test_backend_dry_run_prints_every_call_in_order_masked_and_sends_nothing(rep
     assert_no_secret(result, WRITE, LOCK)
 
 
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ([], None),  # GPU hardware (t4-small): the full VAE
+        (["--hardware", "cpu-basic"], "madebyollin/taesd"),
+        (["--hardware", "cpu-upgrade", "--vae-model", ""], None),
+        (["--vae-model", "me/taesd"], "me/taesd"),
+    ],
+)
+def test_backend_sets_vae_model_on_cpu_hardware_or_when_asked_to(
+    repo: Path, hub: Hub, options: list[str], expected: str | None
+) -> None:
+    result = run_deploy(repo, hub, "backend", "--space", SPACE, "--dry-run", *options, BACKEND_TOKEN=LOCK)
+    assert result.returncode == 0, result.stderr
+    plan = "\n".join(steps(result.stdout))
+    if expected is None:
+        assert "VAE_MODEL" not in plan
+    else:
+        assert f"key='VAE_MODEL', value='{expected}')" in plan
+
+
 def test_frontend_dry_run_prints_every_call_in_order_masked_and_sends_nothing(repo: Path, hub: Hub) -> None:
     result = run_deploy(
         repo, hub, "frontend", "--space", "me/backdrop", "--backend", SPACE, "--dry-run", BACKEND_READ_TOKEN=READ

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import importlib.util
+import inspect
+import io
 import logging
 import multiprocessing
 import pickle
@@ -12,11 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EXAMPLE_PHOTO, ROOT
+from conftest import EXAMPLE_PHOTO, ROOT, running
+from gradio_client import Client
+from make_full_size_models import clip_tokenizer
 from make_tiny_models import LABELS
 from PIL import Image
 
-from backdrop import Backdrop
+from backdrop import GPU_DURATION_S, Backdrop, _render_duration, background_size, gpu_seconds
 
 PROMPT = "a quiet beach at sunset"
 
@@ -89,7 +94,7 @@ def test_script_is_deterministic(tiny_models: Path, tmp_path: Path) -> None:
     spec.loader.exec_module(script)
     script.main(["--out", str(tmp_path)])
     written = sorted(p.relative_to(tiny_models) for p in tiny_models.rglob("*.safetensors"))
-    assert len(written) == 4
+    assert len(written) == 5
     for relative in written:
         assert (tmp_path / relative).read_bytes() == (tiny_models / relative).read_bytes(), relative
 
@@ -122,9 +127,84 @@ def test_render_returns_class_map_of_photo_size_and_rgb_background(
     np.testing.assert_array_equal(classes, reference_classes(backdrop, image))
     assert isinstance(background, Image.Image)
     assert background.mode == "RGB"
-    native = backdrop.pipe.unet.config.sample_size * backdrop.pipe.vae_scale_factor
-    assert background.size == (native, native)
+    assert background.size == backdrop.background_size(image)
+    assert background.width / background.height == pytest.approx(image.width / image.height, rel=0.1)
     assert np.asarray(background).std() > 1  # a painted image, not a blank one
+
+
+def test_background_size_keeps_the_photos_shape_at_the_models_pixel_count() -> None:
+    assert background_size(512, 512, native=512, multiple=64) == (512, 512)
+    assert background_size(1024, 768, native=512, multiple=64) == (576, 448)  # 1.29 for 1.33, 0.98 x 512²
+    assert background_size(768, 1024, native=512, multiple=64) == (448, 576)
+    assert background_size(600, 3000, native=512, multiple=64) == (384, 704)  # 1:5 clamps to about 1:2
+    for width, height in ((1024, 768), (333, 1000), (1000, 999), (4000, 1000), (50, 60)):
+        w, h = background_size(width, height, native=512, multiple=64)
+        assert w % 64 == 0
+        assert h % 64 == 0
+        assert 0.8 < w * h / 512**2 < 1.2
+        assert (w > h) == (width > height) or w == h
+
+
+def test_a_tall_photo_gets_a_tall_background(backdrop: Backdrop, photo: Image.Image) -> None:
+    tall = photo.crop((128, 0, 384, 512))  # 256 x 512
+    classes, background = backdrop.render(tall, PROMPT, seed=2)
+    assert classes.shape == (512, 256)
+    assert background.height > background.width
+    assert background.height / background.width == pytest.approx(2, rel=0.1)
+    native = backdrop.pipe.unet.config.sample_size * backdrop.pipe.vae_scale_factor
+    assert 0.8 < background.width * background.height / native**2 < 1.2  # about as many pixels as the model's
+
+
+def test_gpu_seconds_grow_with_steps_and_pixels_and_stop_at_the_cap() -> None:
+    assert gpu_seconds(1, 512, 512, cap=100) == 11  # 8 s start + (1 s per step + 1.5 s decode) x 1
+    assert gpu_seconds(4, 576, 448, cap=100) == 14  # 8 + (4 + 1.5) x 0.98, rounded up
+    assert gpu_seconds(2, 1024, 1024, cap=100) == 22  # 8 + (2 + 1.5) x 4
+    assert gpu_seconds(50, 1024, 1024, cap=30) == 30
+    assert gpu_seconds(1, 512, 512) <= GPU_DURATION_S
+
+
+def test_render_duration_takes_renders_arguments(backdrop: Backdrop, two_step: Backdrop, photo: Image.Image) -> None:
+    """spaces.GPU calls the duration with the arguments of the call it is about to run (self first)."""
+    wide = photo.crop((0, 0, 512, 256))
+    assert _render_duration(backdrop, wide, PROMPT, 1, None) == gpu_seconds(1, *backdrop.background_size(wide))
+    assert _render_duration(two_step, photo, prompt=PROMPT, seed=1) == gpu_seconds(2, *two_step.background_size(photo))
+    duration, render = inspect.signature(_render_duration), inspect.signature(Backdrop.render)
+    assert list(duration.parameters)[1:] == list(render.parameters)[1:]  # keywords too: the same names
+
+
+def test_a_tiny_autoencoder_decodes_in_place_of_the_vae_through_the_app(
+    private_app, tiny_models: Path, photo: Image.Image
+) -> None:
+    from diffusers import AutoencoderTiny
+
+    model = Backdrop(
+        str(tiny_models / "segmentation"), str(tiny_models / "background"), vae_model=str(tiny_models / "vae-tiny")
+    )
+    assert isinstance(model.pipe.vae, AutoencoderTiny)
+    _, background = model.render(photo, PROMPT, seed=4)
+    assert background.size == model.background_size(photo)
+    assert np.asarray(background).std() > 1
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG")
+    with running(private_app.create_app(model), private_app.serve, warm_up=False) as url:
+        client = Client(url, token=False, verbose=False, download_files=False)
+        photo_b64 = base64.b64encode(buffer.getvalue()).decode()
+        *pictures, status = client.predict(photo_b64, "casual", "male", api_name="/predict_api")
+        client.close()
+    assert status.startswith("Done in ")
+    result = Image.open(io.BytesIO(base64.b64decode(pictures[2])))
+    assert result.size == photo.size
+
+
+def test_every_prompt_fits_the_text_encoders_77_tokens(private_app, tmp_path: Path) -> None:
+    """With CLIP's real BPE vocabulary (scripts/data), which sd-turbo's OpenCLIP text encoder uses."""
+    tokenizer = clip_tokenizer(tmp_path)
+    assert len(tokenizer) == 49408
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # CLIP's own ids
+    for category in private_app.SCENES:
+        for gender in private_app.PEOPLE:
+            ids = tokenizer(private_app.background_prompt(category, gender)).input_ids
+            assert len(ids) <= tokenizer.model_max_length == 77, (category, gender, len(ids))
 
 
 def test_same_seed_same_output_and_other_seed_other_background(backdrop: Backdrop, photo: Image.Image) -> None:
