@@ -47,8 +47,10 @@ def ordinal(n: int) -> str:
 
 
 def about(seconds: float) -> str:
-    seconds = max(1, round(seconds))
-    return f"about {seconds} s" if seconds < 90 else f"about {round(seconds / 60)} min"
+    """A wait in words: to the tenth of a second below 10 s (a short job is often under one), then coarser."""
+    if seconds < 9.95:
+        return f"about {max(0.1, seconds):.1f} s"
+    return f"about {round(seconds)} s" if seconds < 90 else f"about {round(seconds / 60)} min"
 
 
 def describe(update: Update | None, now: float) -> str:

@@ -211,8 +211,8 @@ def load(callers: int, service_time: float, token: str) -> None:
 def eta_error(record: Caller) -> float:
     """|when the first ETA said the job would finish - when it did| / how long it actually took from then."""
     shown_at, text = next((t, text) for t, text in record.statuses if "about" in text)
-    number, unit = re.search(r"about (\d+) (s|min)", text).groups()
-    eta = int(number) * (60 if unit == "min" else 1)
+    number, unit = re.search(r"about (\d+(?:\.\d)?) (s|min)", text).groups()
+    eta = float(number) * (60 if unit == "min" else 1)
     return abs(shown_at + eta - record.finished) / (record.finished - shown_at)
 
 
