@@ -40,7 +40,7 @@ SPACE = "me/backdrop-gpu"
 BACKEND_STEPS = [
     "space_info",
     "create_repo",
-    *["add_space_variable"] * 5,
+    *["add_space_variable"] * 6,
     "add_space_secret",
     "request_space_hardware",
     "upload_folder",
@@ -214,6 +214,7 @@ def test_backend_dry_run_prints_every_call_in_order_masked_and_sends_nothing(rep
         ("BACKGROUND_STEPS", "2"),
         ("QUEUE_MAX_SIZE", "32"),
         ("GPU_DURATION_S", "30"),
+        ("GPU_CONCURRENCY", "2"),  # zero-a10g: ZeroGPU runs each call on a GPU of its own
     ]:
         assert f"key='{key}', value='{value}')" in plan
     assert "add_space_secret(repo_id='me/backdrop-gpu', key='BACKEND_TOKEN', value=***)" in plan
@@ -331,7 +332,7 @@ def test_backend_deploy_makes_the_dry_runs_calls_and_waits_for_running(repo: Pat
     assert routes == [
         f"GET {base}",
         "POST /api/repos/create",
-        *[f"POST {base}/variables"] * 5,
+        *[f"POST {base}/variables"] * 6,
         f"POST {base}/secrets",
         f"POST {base}/hardware",
         f"GET {base}/tree/main",
