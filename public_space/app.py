@@ -234,6 +234,9 @@ def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
     """Launch `demo` behind the endpoint guard; returns once the server is up."""
     gr.set_static_paths([EXAMPLE_PHOTO])
     launch_kwargs.setdefault("max_threads", MAX_VISITORS)  # also Gradio's cap on events running at once
+    # Gradio keeps every session's component values (~45 kB here) until this many newer sessions have come; the
+    # page reads none of them back, so only the visitors being served need theirs. (Its default keeps 10,000.)
+    launch_kwargs.setdefault("state_session_capacity", MAX_VISITORS)
     launch_guarded(demo, api_name=API_NAME, allow_uploads=True, max_file_size="20mb", **launch_kwargs)
 
 
