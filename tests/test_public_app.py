@@ -278,6 +278,13 @@ def test_no_token_or_backend_address_reaches_pages_responses_or_logs(private_app
         assert back_address not in text
 
 
+def test_the_front_keeps_the_values_of_only_as_many_sessions_as_it_serves(public_app):
+    """Every visitor is a session; Gradio's default would keep 10,000 sessions' values in memory."""
+    demo = front_app(public_app, None)
+    with running(demo, public_app.serve):
+        assert demo.state_holder.capacity == public_app.MAX_VISITORS < 10_000
+
+
 def test_building_the_public_app_imports_no_torch():
     code = (
         "import sys; sys.path.insert(0, 'public_space'); import app; app.create_app(None); "
