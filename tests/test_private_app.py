@@ -198,6 +198,21 @@ def test_the_next_photo_is_decoded_while_the_gpu_works(private_app, photo_b64):
     assert standin.max_inside == 1
 
 
+def test_a_job_cancelled_while_waiting_for_the_gpu_never_runs(private_app, photo_b64):
+    standin = StandInPipeline(service_time=1.0)
+    with running(private_app.create_app(standin), private_app.serve, warm_up=False) as url:
+        first = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
+        wait_until(lambda: standin.inside == 1)
+        second = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
+        wait_until(lambda: "Waiting for the GPU" in str(second.status().progress_data))
+        second.cancel()
+        assert first.result(timeout=30)[3]
+        third = client_for(url).submit(photo_b64, "formal", "male", api_name=API)
+        assert third.result(timeout=30)[3]
+    assert len(standin.prompts) == 2  # the first and the third: the cancelled one never reached the pipeline
+    assert "formal" in standin.prompts[1]
+
+
 def test_gpu_concurrency_jobs_run_together_and_never_more(private_app, photo_b64):
     standin = StandInPipeline(service_time=0.5)
     demo = private_app.create_app(standin, gpu_concurrency=2)
