@@ -67,7 +67,8 @@ def _render_duration(
 
 
 class Backdrop:
-    """Segmentation and background models, loaded once. One render at a time: the app's queue and lock see to it."""
+    """Segmentation and background models, loaded once. One render at a time in this process (the app's GPU gate);
+    on ZeroGPU each of `GPU_CONCURRENCY` renders runs in a worker process of its own."""
 
     def __init__(
         self, segmentation_model: str, background_model: str, *, steps: int = 1, vae_model: str | None = None
