@@ -27,6 +27,8 @@ T = TypeVar("T")
 
 class GpuGate:
     def __init__(self, gpus: int) -> None:
+        if gpus < 1:
+            raise ValueError(f"GPU_CONCURRENCY must be 1 or more, not {gpus}.")
         self.gpus = gpus
         self.slots = 2 * gpus  # per GPU: one job on it, one being decoded or finished
         self._guard = asyncio.BoundedSemaphore(gpus)
