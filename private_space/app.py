@@ -104,10 +104,10 @@ def create_app(
                 raise gr.Error("Something went wrong while processing the photo. Please try again.") from None
         progress(0.95, desc="Compositing")
         pictures = [overlay(image, class_map, len(pipeline.class_names)), composite(image, class_map, background)]
-        if photo.png_b64 is None:  # the photo itself needs encoding too
+        if photo.original_b64 is None:  # the photo itself needs encoding too
             pictures.append(image)
         overlay_b64, result_b64, *encoded = encoder.map(encode_png, pictures)
-        image_b64 = photo.png_b64 or encoded[0]
+        image_b64 = photo.original_b64 or encoded[0]
         return image_b64, overlay_b64, result_b64, f"Done in {time.perf_counter() - started:.1f} s"
 
     with gr.Blocks(title="Backdrop backend") as demo:

@@ -8,11 +8,13 @@ them identical) so that each folder deploys on its own.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import Any
 
 from starlette.middleware import Middleware
@@ -35,10 +37,15 @@ TOKENLESS = {f"{API}/startup-events"}
 HARMLESS_POSTS = {f"{API}/cancel", f"{API}/reset"}
 # /gradio_api/call/NAME[/EVENT_ID], /gradio_api/call/v2/NAME[/EVENT_ID], /gradio_api/run/NAME, /gradio_api/api/NAME
 NAMED_ROUTE = re.compile(rf"^{API}/(call|run|api)(/.*)?$")
+LOG_EVERY_S = 10.0  # at most one log line per kind of refusal or failure in this time: a flood cannot fill the log
 
 
 class EndpointGuard:
-    """Refuse (403) every invocation but `api_name`'s, and (401) every request without `token` when one is set."""
+    """Refuse (403) every invocation but `api_name`'s, and (401) every request without `token` when one is set.
+
+    An exception from the app (Gradio raises some for requests it cannot serve, such as an unknown session's
+    stream) ends that response here with one short log line instead of a traceback from the server.
+    """
 
     def __init__(
         self,
@@ -58,6 +65,7 @@ class EndpointGuard:
         self.token = token.encode() if token else None
         self.allow_uploads = allow_uploads
         self.max_body_bytes = max_body_bytes
+        self.log = _ThrottledLog(LOG_EVERY_S)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -67,10 +75,28 @@ class EndpointGuard:
         else:
             refusal, receive = await self._check(scope, receive)
             if refusal is None:
-                await self.app(scope, receive, send)
+                await self._serve(scope, receive, send)
             else:
-                logger.warning("Refused %s %s: %s", scope["method"], scope["path"], refusal[1])
+                self.log.note(str(refusal[0]), "Refused %s %s: %s", scope["method"], _shown(scope), refusal[1])
                 await _reply(send, *refusal)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = {"started": False, "ended": False}
+
+        async def tracked(message: Message) -> None:
+            state["started"] = state["started"] or message["type"] == "http.response.start"
+            state["ended"] = message["type"] == "http.response.body" and not message.get("more_body", False)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as error:
+            self.log.note("failed", "%s %s failed: %s", scope["method"], _shown(scope), type(error).__name__)
+            with contextlib.suppress(Exception):  # the caller may be gone already
+                if not state["started"]:
+                    await _reply(send, 500, "The request could not be served.")
+                elif not state["ended"]:  # a stream already under way: end it cleanly rather than leave it cut
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _check(self, scope: Scope, receive: Receive) -> tuple[tuple[int, str] | None, Receive]:
         """Return the refusal (status, sentence) for this request, if any, and the receive to pass on."""
@@ -116,9 +142,12 @@ def launch_guarded(
     token: str | None = None,
     allow_uploads: bool = False,
     max_body_bytes: int = 32 * 1024 * 1024,
+    middleware: Sequence[Middleware] = (),
     **launch_kwargs: Any,
 ) -> None:
     """Launch `blocks` (a gr.Blocks) behind the guard, hardened, and return once it serves.
+
+    `middleware`: further ASGI middleware, inside the guard (it sees only the requests the guard lets through).
 
     `GRADIO_SERVER_NAME` and `GRADIO_SERVER_PORT` apply as in any Gradio app; ZeroGPU's launch hook still runs.
     """
@@ -131,7 +160,7 @@ def launch_guarded(
         max_body_bytes=max_body_bytes,
     )
     blocks.launch(
-        app_kwargs={"middleware": [guard]},
+        app_kwargs={"middleware": [guard, *middleware]},
         ssr_mode=False,  # a Node front server would fetch pages without the token
         run_history=False,  # nothing about a caller's runs is kept or offered for re-runs
         enable_monitoring=False,
@@ -139,6 +168,31 @@ def launch_guarded(
         prevent_thread_lock=True,
         **launch_kwargs,
     )
+
+
+class _ThrottledLog:
+    """Warnings of one kind at most once every `every_s` seconds; the next one says how many were left out."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.last: dict[str, float] = {}  # one entry per kind: a status code or "failed", so a handful at most
+        self.left_out: dict[str, int] = {}
+
+    def note(self, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last.get(kind, -self.every_s) < self.every_s:
+            self.left_out[kind] = self.left_out.get(kind, 0) + 1
+            return
+        self.last[kind] = now
+        if left_out := self.left_out.pop(kind, 0):
+            message = f"{message} (and {left_out} more like it since the last such line)"
+        logger.warning(message, *args)
+
+
+def _shown(scope: Scope) -> str:
+    """The request's path as a log may show it: short, on one line, nothing unprintable."""
+    path: str = scope["path"]
+    return path[:80].encode("unicode_escape").decode("ascii") + ("…" if len(path) > 80 else "")
 
 
 def _content_length(scope: Scope) -> int:
