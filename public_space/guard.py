@@ -43,8 +43,9 @@ LOG_EVERY_S = 10.0  # at most one log line per kind of refusal or failure in thi
 class EndpointGuard:
     """Refuse (403) every invocation but `api_name`'s, and (401) every request without `token` when one is set.
 
-    An exception from the app (Gradio raises some for requests it cannot serve, such as an unknown session's
-    stream) ends that response here with one short log line instead of a traceback from the server.
+    With `check_data`, a call whose `data` it rejects gets a 422: Gradio would print a traceback for values its
+    components cannot take. An exception from the app (Gradio raises some for requests it cannot serve, such as
+    an unknown session's stream) ends that response here with one short log line instead of a traceback.
     """
 
     def __init__(
@@ -56,8 +57,10 @@ class EndpointGuard:
         token: str | None = None,
         allow_uploads: bool = False,
         max_body_bytes: int = 32 * 1024 * 1024,
+        check_data: Callable[[Any], bool] | None = None,
     ) -> None:
         self.app = app
+        self.check_data = check_data
         self.fn_indices = frozenset(fn_indices)
         if not self.fn_indices:
             raise ValueError(f"No event is named {api_name!r}.")
@@ -105,15 +108,19 @@ class EndpointGuard:
             return (401, "A valid token is required."), receive
         if method == "POST" and path != UPLOAD and _content_length(scope) > self.max_body_bytes:
             return (413, "The request is too large."), receive
-        if method == "POST" and path == QUEUE_JOIN:
+        only = f"Only the {self.api_name} endpoint can be called."
+        if method == "POST" and (path == QUEUE_JOIN or (NAMED_ROUTE.match(path) and self._allowed(method, path))):
             body = await _read_body(receive, self.max_body_bytes)
             if body is None:
                 return (413, "The request is too large."), receive
-            if _fn_index(body) not in self.fn_indices:
-                return (403, f"Only the {self.api_name} endpoint can be called."), receive
+            message = _json(body)
+            if path == QUEUE_JOIN and _fn_index(message) not in self.fn_indices:
+                return (403, only), receive
+            if self.check_data is not None and not self.check_data(message.get("data")):
+                return (422, f"The data does not fit {self.api_name}'s inputs: see the API page."), receive
             return None, _replay(body, receive)
         if not self._allowed(method, path):
-            return (403, f"Only the {self.api_name} endpoint can be called."), receive
+            return (403, only), receive
         return None, receive
 
     def _allowed(self, method: str, path: str) -> bool:
@@ -151,13 +158,15 @@ def launch_guarded(
 
     `GRADIO_SERVER_NAME` and `GRADIO_SERVER_PORT` apply as in any Gradio app; ZeroGPU's launch hook still runs.
     """
+    endpoints = [fn for fn in blocks.fns.values() if fn.api_name == api_name]
     guard = Middleware(
         EndpointGuard,
-        fn_indices=[fn._id for fn in blocks.fns.values() if fn.api_name == api_name],
+        fn_indices=[fn._id for fn in endpoints],
         api_name=api_name,
         token=token,
         allow_uploads=allow_uploads,
         max_body_bytes=max_body_bytes,
+        check_data=_fits(endpoints[0].inputs) if endpoints else None,
     )
     blocks.launch(
         app_kwargs={"middleware": [guard, *middleware]},
@@ -209,11 +218,38 @@ def _route_path(scope: Scope) -> str:
     return path.rstrip("/") or "/"
 
 
-def _fn_index(body: bytes) -> int | None:
+def _fits(components: list[Any]) -> Callable[[Any], bool]:
+    """Whether a call's data is one value per input that Gradio can take: a file input's model, or a string."""
+    kinds = [(getattr(c, "data_model", None), c.api_info()) for c in components]
+
+    def fits(data: Any) -> bool:
+        if not isinstance(data, list) or len(data) != len(kinds):
+            return False
+        for value, (model, info) in zip(data, kinds, strict=True):
+            if value is None:
+                continue
+            if model is not None:
+                try:
+                    model.model_validate(value)
+                except Exception:
+                    return False
+            elif (info.get("type") == "string" or "enum" in info) and not isinstance(value, str):
+                return False
+        return True
+
+    return fits
+
+
+def _json(body: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(body).get("fn_index")
-    except (ValueError, AttributeError):
-        return None
+        message = json.loads(body)
+    except ValueError:
+        return {}
+    return message if isinstance(message, dict) else {}
+
+
+def _fn_index(message: dict[str, Any]) -> int | None:
+    value = message.get("fn_index")
     return value if type(value) is int else None  # exactly int: Gradio would also accept "0" or 0.0
 
 
