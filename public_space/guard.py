@@ -15,6 +15,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from starlette.middleware import Middleware
@@ -166,7 +167,7 @@ def launch_guarded(
         token=token,
         allow_uploads=allow_uploads,
         max_body_bytes=max_body_bytes,
-        check_data=_fits(endpoints[0].inputs) if endpoints else None,
+        check_data=_fits(endpoints[0].inputs, Path(blocks.GRADIO_CACHE)) if endpoints else None,
     )
     blocks.launch(
         app_kwargs={"middleware": [guard, *middleware]},
@@ -218,9 +219,10 @@ def _route_path(scope: Scope) -> str:
     return path.rstrip("/") or "/"
 
 
-def _fits(components: list[Any]) -> Callable[[Any], bool]:
-    """Whether a call's data is one value per input that Gradio can take: a file input's model, or a string."""
+def _fits(components: list[Any], uploads: Path) -> Callable[[Any], bool]:
+    """Whether a call's data is one value per input that Gradio takes: a string, or a file uploaded to `uploads`."""
     kinds = [(getattr(c, "data_model", None), c.api_info()) for c in components]
+    uploads = uploads.resolve()
 
     def fits(data: Any) -> bool:
         if not isinstance(data, list) or len(data) != len(kinds):
@@ -230,7 +232,9 @@ def _fits(components: list[Any]) -> Callable[[Any], bool]:
                 continue
             if model is not None:
                 try:
-                    model.model_validate(value)
+                    path = getattr(model.model_validate(value), "path", None)
+                    if path is not None and not Path(path).resolve().is_relative_to(uploads):
+                        return False
                 except Exception:
                     return False
             elif (info.get("type") == "string" or "enum" in info) and not isinstance(value, str):

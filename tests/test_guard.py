@@ -10,8 +10,9 @@ from conftest import ROOT
 from guard import EndpointGuard
 
 
-def test_both_spaces_carry_the_same_guard():
-    assert (ROOT / "private_space" / "guard.py").read_bytes() == (ROOT / "public_space" / "guard.py").read_bytes()
+@pytest.mark.parametrize("module", ["guard.py", "photo_rules.py"])
+def test_both_spaces_carry_the_same_copy(module):
+    assert (ROOT / "private_space" / module).read_bytes() == (ROOT / "public_space" / module).read_bytes()
 
 
 SETTINGS = {"fn_indices": [3], "api_name": "predict_api"}
