@@ -87,13 +87,16 @@ def photo_bytes(path: Path, max_side: int, max_pixels: int) -> bytes:
         with open_photo(str(path), max_pixels=max_pixels) as photo:
             if max(photo.size) <= max_side:
                 return path.read_bytes()
-            image = ImageOps.exif_transpose(load_photo(photo, max_side)).convert("RGBA")
+            image = load_photo(photo, max_side)
+            ImageOps.exif_transpose(image, in_place=True)
+            if image.mode != "RGB":  # transparency goes over white once small; palettes would resize poorly
+                image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+            image.thumbnail((max_side, max_side), Image.LANCZOS)  # in place: no full-size copy is ever made
     except PhotoError as error:
         raise gr.Error(str(error), print_exception=False) from None
-    image.thumbnail((max_side, max_side), Image.LANCZOS)
-    flat = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
+    flat = image if image.mode == "RGB" else Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
     buffer = io.BytesIO()
-    flat.save(buffer, format="JPEG", quality=92)
+    flat.convert("RGB").save(buffer, format="JPEG", quality=92)
     return buffer.getvalue()
 
 

@@ -2,7 +2,7 @@
 fetched, and whatever is left (a photo never sent, a result never fetched) after `keep_s`.
 
 "Shortly after": gradio_client fetches a generator's last output twice (from its last update and from the final
-message), so a fetched result stays `FETCHED_KEEP_S` longer.
+message), so a result goes at its second fetch, or `FETCHED_KEEP_S` after its first (a browser fetches once).
 
 Gradio stores uploads by content (`<cache>/<sha256>/<name>`), so two uploads of one photo are one file: each
 upload response counts one claim on its file, each request that reads it gives one back, and the file goes with
@@ -34,6 +34,7 @@ class Files:
         self.keep_s = keep_s
         self.uploads: dict[Path, list[float]] = {}  # a file -> when each of its unused uploads arrived
         self.results: dict[str, float] = {}  # a result's file name (unique) -> when it was made
+        self.fetched: set[str] = set()  # results fetched once, going at their second fetch or soon after the first
         self.swept = time.monotonic()
 
     def uploaded(self, paths: Iterable[str]) -> None:
@@ -62,8 +63,18 @@ class Files:
 
     def delivered(self, path: str) -> None:
         inside = self._inside(path)
-        if inside is not None and self.results.pop(inside.name, None) is not None:
-            asyncio.get_running_loop().call_later(FETCHED_KEEP_S, inside.unlink, True)  # True: missing_ok
+        if inside is None:
+            return
+        if inside.name in self.fetched:
+            self.fetched.discard(inside.name)
+            inside.unlink(missing_ok=True)
+        elif self.results.pop(inside.name, None) is not None:
+            self.fetched.add(inside.name)
+            asyncio.get_running_loop().call_later(FETCHED_KEEP_S, self._gone, inside)
+
+    def _gone(self, path: Path) -> None:
+        self.fetched.discard(path.name)
+        path.unlink(missing_ok=True)
 
     def sweep(self, now: float) -> None:
         """Remove what has waited longer than `keep_s`."""

@@ -9,7 +9,7 @@ X-Forwarded-For entry a proxy would append (TRUSTED_PROXY_HOPS=1), and each requ
 different forged entry in front of it. Prints:
 - visitor A sends --flood requests at once; B sends one 0.5 s later; C sends one once A's have settled: how
   many of each were refused and why, C's first place in line, and C's time to finish in job times (S);
-- the front's peak memory while it takes one 12000×8000 JPEG (12000×8000 is 96 megapixels);
+- the front's peak memory while it takes one 12000×8000 JPEG (96 megapixels), then one of 7680×5120 (39);
 - the lines the front logs for 100 requests for an unknown session's stream, and how many are tracebacks;
 - a soak of --soak requests (S = 0, 4 callers, fair share off): files in the front's Gradio folder at the
   peak and once the last result has been fetched.
@@ -34,7 +34,7 @@ import psutil
 from bench import FRONT_CORES, PHOTO, ROOT, SSL, Sampler, free_port, start
 
 API = "/predict_api"
-BIG_JPEG = Path(tempfile.gettempdir()) / "backdrop-bench-12000x8000.jpg"
+BIG_JPEGS = ((12000, 8000), (7680, 5120))  # 96 megapixels: over the limit; 39: under it, decoded to downscale
 
 
 def serve_backend(root: Path, port: int, service_time: float, queue_max_size: int) -> None:
@@ -138,21 +138,18 @@ def flood(front: str, n: int, service_time: float) -> None:
     print(f"visitor C: first place shown {first!r}; done in {c_took:.1f} s = {c_took / service_time:.1f} job times")
 
 
-def big_jpeg(front: str, pid: int) -> None:
-    if not BIG_JPEG.exists():
+def big_jpeg(front: str, pid: int, width: int, height: int) -> None:
+    path = Path(tempfile.gettempdir()) / f"backdrop-bench-{width}x{height}.jpg"
+    if not path.exists():
         from PIL import Image
 
-        Image.linear_gradient("L").resize((12000, 8000)).convert("RGB").save(BIG_JPEG, quality=85)
+        Image.linear_gradient("L").resize((width, height)).convert("RGB").save(path, quality=85)
     rss = Sampler(psutil.Process(pid))
     with rss:
-        text = outcome(submit(client(front, "203.0.113.9"), BIG_JPEG))
-    size = BIG_JPEG.stat().st_size / 2**20
+        text = outcome(submit(client(front, f"203.0.113.{width % 250}"), path))
     start_mib, peak_mib = rss.samples[0] / 2**20, max(rss.samples) / 2**20
-    print(
-        f"front RSS with one 12000x8000 JPEG ({size:.1f} MB): start {start_mib:.0f} MiB, peak {peak_mib:.0f} MiB",
-        end="",
-    )
-    print(f" (+{peak_mib - start_mib:.0f} MiB); it answered {text[:60]!r}")
+    print(f"front RSS, one {width}x{height} JPEG ({path.stat().st_size / 2**20:.1f} MB): ", end="")
+    print(f"start {start_mib:.0f} MiB, peak {peak_mib:.0f} MiB (+{peak_mib - start_mib:.0f}); answer {text[:50]!r}")
 
 
 def bad_requests(front: str, log: Path) -> None:
@@ -216,7 +213,8 @@ def main(argv: list[str]) -> None:
     front, _, log, processes = start_apps(root, args.service_time, args.queue_max_size, {})
     try:
         flood(front, args.flood, args.service_time)
-        big_jpeg(front, processes[1].pid)
+        for width, height in BIG_JPEGS:
+            big_jpeg(front, processes[1].pid, width, height)
         bad_requests(front, log)
     finally:
         for process in processes:
