@@ -96,3 +96,16 @@ def submit(client):
 
 def statuses(job) -> list[str]:
     return [output[2] for output in job.outputs()]
+
+
+def test_a_cancelled_job_gives_its_slot_back(private_app, public_app):
+    fair = {"max_jobs_per_visitor": 1, "visitor_rate": "100/minute", "trusted_proxy_hops": 1}
+    with stack(private_app, public_app, service_time=1.0, front=fair) as s:
+        blocker = submit(visitor(s.front, {"X-Forwarded-For": "203.0.113.1"}))
+        wait_until(lambda: s.standin.inside == 1)
+        same = {"X-Forwarded-For": "203.0.113.2"}
+        waiting = submit(visitor(s.front, same))
+        wait_until(lambda: any(" in line" in line for line in statuses(waiting)))
+        waiting.cancel()
+        assert submit(visitor(s.front, same)).result(timeout=30)[2].startswith("Done in ")  # not "already have 1"
+        assert blocker.result(timeout=30)[2].startswith("Done in ")
