@@ -137,6 +137,17 @@ def check_request(backend: Backend | None, image: dict[str, Any] | None, categor
             raise gr.Error(f"Unknown {what} '{value}'. Choose one of {valid}.", print_exception=False)
 
 
+async def read_upload(
+    upload: Path, files: Files, decoding: asyncio.Semaphore, *, max_side: int, max_pixels: int
+) -> bytes:
+    """The photo to send (photo_bytes), a few decoded at a time; the upload is used up either way."""
+    try:
+        async with decoding:
+            return await asyncio.to_thread(photo_bytes, upload, max_side, max_pixels)
+    finally:
+        files.used(upload)
+
+
 def relay_endpoint(
     backend: Backend | None, *, max_side: int, max_pixels: int, fair_share: FairShare, trusted_hops: int, files: Files
 ) -> Callable[..., AsyncIterator[Outputs]]:
@@ -162,65 +173,41 @@ def relay_endpoint(
         if refusal := fair_share.admit(visitor):
             raise gr.Error(refusal, print_exception=False)  # the upload stays (a while) for the next try
         try:  # from here until the job is over, however it ends, the visitor holds one of their slots
-            try:
-                async with decoding:
-                    photo = await asyncio.to_thread(photo_bytes, upload, max_side, max_pixels)
-            finally:
-                files.used(upload)
-            job = relay_job(
-                backend, photo, category, gender, request=request, progress=progress, save_png=save_png, files=files
-            )
-            async with contextlib.aclosing(job) as outputs:
-                del photo  # the relay holds it until it is sent, and no longer
-                async for output in outputs:
-                    yield output
+            photo = await read_upload(upload, files, decoding, max_side=max_side, max_pixels=max_pixels)
+        except BaseException:
+            fair_share.release(visitor)
+            raise
+        updates = backend.predict(photo, category, gender, ip_token=request.headers.get("x-ip-token"))
+        del photo  # the relay holds it until it is sent, and no longer
+        latest: Update | None = None
+        made: list[Path] = []
+        try:
+            async with contextlib.aclosing(ticking(updates)) as stream:
+                async for update in stream:
+                    latest = update or latest
+                    if isinstance(latest, Running) and latest.fraction is not None:
+                        progress(latest.fraction, desc=latest.desc)
+                    if isinstance(latest, Finished):
+                        made = [
+                            Path(save_png(latest.overlay_b64, "overlay")),
+                            Path(save_png(latest.result_b64, "result")),
+                        ]
+                        files.made(*(path.name for path in made))  # Gradio's cached copies go once fetched
+                        yield str(made[0]), str(made[1]), latest.status
+                        return
+                    yield None, None, describe(latest, time.monotonic())
+        except RelayError as error:
+            yield None, None, str(error)
+            raise gr.Error(str(error), print_exception=False) from None
+        except Exception as error:  # no traceback in the logs: it could carry the backend's address
+            logger.error("The relay failed with %s.", type(error).__name__)
+            raise gr.Error(FAILED, print_exception=False) from None
         finally:
             fair_share.release(visitor)
+            for path in made:  # Gradio has copied them into its cache by now
+                path.unlink(missing_ok=True)
 
     return predict_api
-
-
-async def relay_job(
-    backend: Backend,
-    photo: bytes,
-    category: str,
-    gender: str,
-    *,
-    request: gr.Request,
-    progress: gr.Progress,
-    save_png: Callable[[str, str], str],
-    files: Files,
-) -> AsyncIterator[Outputs]:
-    """One job on the backend, as the visitor's outputs: the status line, then both pictures."""
-    updates = backend.predict(photo, category, gender, ip_token=request.headers.get("x-ip-token"))
-    del photo
-    latest: Update | None = None
-    made: list[Path] = []
-    try:
-        async with contextlib.aclosing(ticking(updates)) as stream:
-            async for update in stream:
-                latest = update or latest
-                if isinstance(latest, Running) and latest.fraction is not None:
-                    progress(latest.fraction, desc=latest.desc)
-                if isinstance(latest, Finished):
-                    made = [
-                        Path(save_png(latest.overlay_b64, "overlay")),
-                        Path(save_png(latest.result_b64, "result")),
-                    ]
-                    for path in made:
-                        files.made(path.name)  # Gradio's cached copy keeps the name; it goes once fetched
-                    yield str(made[0]), str(made[1]), latest.status
-                    return
-                yield None, None, describe(latest, time.monotonic())
-    except RelayError as error:
-        yield None, None, str(error)
-        raise gr.Error(str(error), print_exception=False) from None
-    except Exception as error:  # no traceback in the logs: it could carry the backend's address
-        logger.error("The relay failed with %s.", type(error).__name__)
-        raise gr.Error(FAILED, print_exception=False) from None
-    finally:
-        for path in made:  # Gradio has copied them into its cache by now
-            path.unlink(missing_ok=True)
 
 
 def create_app(

@@ -58,8 +58,8 @@ class Files:
             self.uploads.pop(path, None)
             path.unlink(missing_ok=True)
 
-    def made(self, name: str) -> None:
-        self.results[name] = time.monotonic()
+    def made(self, *names: str) -> None:
+        self.results.update(dict.fromkeys(names, time.monotonic()))
 
     def delivered(self, path: str) -> None:
         inside = self._inside(path)
