@@ -247,7 +247,7 @@ def _fits(components: list[Any], uploads: Path) -> Callable[[Any], bool]:
 def _json(body: bytes) -> dict[str, Any]:
     try:
         message = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a body nested thousands deep
         return {}
     return message if isinstance(message, dict) else {}
 
