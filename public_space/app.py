@@ -140,7 +140,7 @@ def check_request(backend: Backend | None, image: dict[str, Any] | None, categor
 async def read_upload(
     upload: Path, files: Files, decoding: asyncio.Semaphore, *, max_side: int, max_pixels: int
 ) -> bytes:
-    """The photo to send (photo_bytes), a few decoded at a time; the upload is used up either way."""
+    """The photo to send (photo_bytes), a few decoded at a time; the taken upload is used up either way."""
     try:
         async with decoding:
             return await asyncio.to_thread(photo_bytes, upload, max_side, max_pixels)
@@ -166,13 +166,12 @@ def relay_endpoint(
         """Segment the person in the photo and composite them onto a generated backdrop, streaming the status."""
         progress = gr.Progress()
         check_request(backend, image, category, gender)
-        upload = files.upload(image["path"])
-        if upload is None:
-            raise gr.Error(UPLOAD_AGAIN, print_exception=False)
         visitor = visitor_of(request, trusted_hops)
         if refusal := fair_share.admit(visitor):
             raise gr.Error(refusal, print_exception=False)  # the upload stays (a while) for the next try
         try:  # from here until the job is over, however it ends, the visitor holds one of their slots
+            if (upload := files.take(image["path"])) is None:
+                raise gr.Error(UPLOAD_AGAIN, print_exception=False)
             photo = await read_upload(upload, files, decoding, max_side=max_side, max_pixels=max_pixels)
         except BaseException:
             fair_share.release(visitor)

@@ -5,8 +5,9 @@ fetched, and whatever is left (a photo never sent, a result never fetched) after
 message), so a result goes at its second fetch, or `FETCHED_KEEP_S` after its first (a browser fetches once).
 
 Gradio stores uploads by content (`<cache>/<sha256>/<name>`), so two uploads of one photo are one file: each
-upload response counts one claim on its file, each request that reads it gives one back, and the file goes with
-the last. The middleware also serves the example photo, so that no page shows where it lies on the server.
+upload response counts one claim on its file, each request that reads it takes one, and the file goes once the
+last claim has been taken and read. The middleware also serves the example photo, so that no page shows where it
+lies on the server.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Files:
         self.cache_dir = Path(cache_dir).resolve()
         self.keep_s = keep_s
         self.uploads: dict[Path, list[float]] = {}  # a file -> when each of its unused uploads arrived
+        self.reading: dict[Path, int] = {}  # a file -> requests reading it now
         self.results: dict[str, float] = {}  # a result's file name (unique) -> when it was made
         self.fetched: set[str] = set()  # results fetched once, going at their second fetch or soon after the first
         self.swept = time.monotonic()
@@ -44,17 +46,24 @@ class Files:
         if now - self.swept > min(30.0, self.keep_s):
             self.sweep(now)
 
-    def upload(self, path: str) -> Path | None:
-        """The file of an upload received here and not yet used up, or None (used, expired, or never uploaded)."""
+    def take(self, path: str) -> Path | None:
+        """Take one upload of `path` to read it, then call `used`; None: used up, expired, or never uploaded here."""
         inside = self._inside(path)
-        return inside if inside in self.uploads else None
+        if inside is None or not self.uploads.get(inside):
+            return None
+        self.uploads[inside].pop(0)
+        self.reading[inside] = self.reading.get(inside, 0) + 1
+        return inside
 
     def used(self, path: Path) -> None:
-        """One upload of `path` has been read: the file goes once every upload of it has been."""
-        claims = self.uploads.get(path, [])
-        if claims:
-            claims.pop(0)
-        if not claims:
+        """A taken upload has been read: the file goes unless another upload of it waits or is being read."""
+        self.reading[path] -= 1
+        if not self.reading[path]:
+            del self.reading[path]
+        self._forget(path)
+
+    def _forget(self, path: Path) -> None:
+        if not self.uploads.get(path) and path not in self.reading:
             self.uploads.pop(path, None)
             path.unlink(missing_ok=True)
 
@@ -81,8 +90,7 @@ class Files:
         self.swept, expired = now, now - self.keep_s
         for path, claims in list(self.uploads.items()):
             claims[:] = [arrived for arrived in claims if arrived > expired]
-            if not claims:
-                self.used(path)
+            self._forget(path)
         for name, made in list(self.results.items()):
             if made <= expired:
                 del self.results[name]
