@@ -8,11 +8,14 @@ them identical) so that each folder deploys on its own.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from starlette.middleware import Middleware
@@ -35,10 +38,16 @@ TOKENLESS = {f"{API}/startup-events"}
 HARMLESS_POSTS = {f"{API}/cancel", f"{API}/reset"}
 # /gradio_api/call/NAME[/EVENT_ID], /gradio_api/call/v2/NAME[/EVENT_ID], /gradio_api/run/NAME, /gradio_api/api/NAME
 NAMED_ROUTE = re.compile(rf"^{API}/(call|run|api)(/.*)?$")
+LOG_EVERY_S = 10.0  # at most one log line per kind of refusal or failure in this time: a flood cannot fill the log
 
 
 class EndpointGuard:
-    """Refuse (403) every invocation but `api_name`'s, and (401) every request without `token` when one is set."""
+    """Refuse (403) every invocation but `api_name`'s, and (401) every request without `token` when one is set.
+
+    With `check_data`, a call whose `data` it rejects gets a 422: Gradio would print a traceback for values its
+    components cannot take. An exception from the app (Gradio raises some for requests it cannot serve, such as
+    an unknown session's stream) ends that response here with one short log line instead of a traceback.
+    """
 
     def __init__(
         self,
@@ -49,8 +58,10 @@ class EndpointGuard:
         token: str | None = None,
         allow_uploads: bool = False,
         max_body_bytes: int = 32 * 1024 * 1024,
+        check_data: Callable[[Any], bool] | None = None,
     ) -> None:
         self.app = app
+        self.check_data = check_data
         self.fn_indices = frozenset(fn_indices)
         if not self.fn_indices:
             raise ValueError(f"No event is named {api_name!r}.")
@@ -58,6 +69,7 @@ class EndpointGuard:
         self.token = token.encode() if token else None
         self.allow_uploads = allow_uploads
         self.max_body_bytes = max_body_bytes
+        self.log = _ThrottledLog(LOG_EVERY_S)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -67,10 +79,28 @@ class EndpointGuard:
         else:
             refusal, receive = await self._check(scope, receive)
             if refusal is None:
-                await self.app(scope, receive, send)
+                await self._serve(scope, receive, send)
             else:
-                logger.warning("Refused %s %s: %s", scope["method"], scope["path"], refusal[1])
+                self.log.note(str(refusal[0]), "Refused %s %s: %s", scope["method"], _shown(scope), refusal[1])
                 await _reply(send, *refusal)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
+        state = {"started": False, "ended": False}
+
+        async def tracked(message: Message) -> None:
+            state["started"] = state["started"] or message["type"] == "http.response.start"
+            state["ended"] = message["type"] == "http.response.body" and not message.get("more_body", False)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as error:
+            self.log.note("failed", "%s %s failed: %s", scope["method"], _shown(scope), type(error).__name__)
+            with contextlib.suppress(Exception):  # the caller may be gone already
+                if not state["started"]:
+                    await _reply(send, 500, "The request could not be served.")
+                elif not state["ended"]:  # a stream already under way: end it cleanly rather than leave it cut
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _check(self, scope: Scope, receive: Receive) -> tuple[tuple[int, str] | None, Receive]:
         """Return the refusal (status, sentence) for this request, if any, and the receive to pass on."""
@@ -79,15 +109,19 @@ class EndpointGuard:
             return (401, "A valid token is required."), receive
         if method == "POST" and path != UPLOAD and _content_length(scope) > self.max_body_bytes:
             return (413, "The request is too large."), receive
-        if method == "POST" and path == QUEUE_JOIN:
+        only = f"Only the {self.api_name} endpoint can be called."
+        if method == "POST" and (path == QUEUE_JOIN or (NAMED_ROUTE.match(path) and self._allowed(method, path))):
             body = await _read_body(receive, self.max_body_bytes)
             if body is None:
                 return (413, "The request is too large."), receive
-            if _fn_index(body) not in self.fn_indices:
-                return (403, f"Only the {self.api_name} endpoint can be called."), receive
+            message = _json(body)
+            if path == QUEUE_JOIN and _fn_index(message) not in self.fn_indices:
+                return (403, only), receive
+            if self.check_data is not None and not self.check_data(message.get("data")):
+                return (422, f"The data does not fit {self.api_name}'s inputs: see the API page."), receive
             return None, _replay(body, receive)
         if not self._allowed(method, path):
-            return (403, f"Only the {self.api_name} endpoint can be called."), receive
+            return (403, only), receive
         return None, receive
 
     def _allowed(self, method: str, path: str) -> bool:
@@ -116,22 +150,27 @@ def launch_guarded(
     token: str | None = None,
     allow_uploads: bool = False,
     max_body_bytes: int = 32 * 1024 * 1024,
+    middleware: Sequence[Middleware] = (),
     **launch_kwargs: Any,
 ) -> None:
     """Launch `blocks` (a gr.Blocks) behind the guard, hardened, and return once it serves.
 
+    `middleware`: further ASGI middleware, inside the guard (it sees only the requests the guard lets through).
+
     `GRADIO_SERVER_NAME` and `GRADIO_SERVER_PORT` apply as in any Gradio app; ZeroGPU's launch hook still runs.
     """
+    endpoints = [fn for fn in blocks.fns.values() if fn.api_name == api_name]
     guard = Middleware(
         EndpointGuard,
-        fn_indices=[fn._id for fn in blocks.fns.values() if fn.api_name == api_name],
+        fn_indices=[fn._id for fn in endpoints],
         api_name=api_name,
         token=token,
         allow_uploads=allow_uploads,
         max_body_bytes=max_body_bytes,
+        check_data=_fits(endpoints[0].inputs, Path(blocks.GRADIO_CACHE)) if endpoints else None,
     )
     blocks.launch(
-        app_kwargs={"middleware": [guard]},
+        app_kwargs={"middleware": [guard, *middleware]},
         ssr_mode=False,  # a Node front server would fetch pages without the token
         run_history=False,  # nothing about a caller's runs is kept or offered for re-runs
         enable_monitoring=False,
@@ -139,6 +178,31 @@ def launch_guarded(
         prevent_thread_lock=True,
         **launch_kwargs,
     )
+
+
+class _ThrottledLog:
+    """Warnings of one kind at most once every `every_s` seconds; the next one says how many were left out."""
+
+    def __init__(self, every_s: float) -> None:
+        self.every_s = every_s
+        self.last: dict[str, float] = {}  # one entry per kind: a status code or "failed", so a handful at most
+        self.left_out: dict[str, int] = {}
+
+    def note(self, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self.last.get(kind, -self.every_s) < self.every_s:
+            self.left_out[kind] = self.left_out.get(kind, 0) + 1
+            return
+        self.last[kind] = now
+        if left_out := self.left_out.pop(kind, 0):
+            message = f"{message} (and {left_out} more like it since the last such line)"
+        logger.warning(message, *args)
+
+
+def _shown(scope: Scope) -> str:
+    """The request's path as a log may show it: short, on one line, nothing unprintable."""
+    path: str = scope["path"]
+    return path[:80].encode("unicode_escape").decode("ascii") + ("…" if len(path) > 80 else "")
 
 
 def _content_length(scope: Scope) -> int:
@@ -155,11 +219,41 @@ def _route_path(scope: Scope) -> str:
     return path.rstrip("/") or "/"
 
 
-def _fn_index(body: bytes) -> int | None:
+def _fits(components: list[Any], uploads: Path) -> Callable[[Any], bool]:
+    """Whether a call's data is one value per input that Gradio takes: a string, or a file uploaded to `uploads`."""
+    kinds = [(getattr(c, "data_model", None), c.api_info()) for c in components]
+    uploads = uploads.resolve()
+
+    def fits(data: Any) -> bool:
+        if not isinstance(data, list) or len(data) != len(kinds):
+            return False
+        for value, (model, info) in zip(data, kinds, strict=True):
+            if value is None:
+                continue
+            if model is not None:
+                try:
+                    path = getattr(model.model_validate(value), "path", None)
+                    if path is not None and not Path(path).resolve().is_relative_to(uploads):
+                        return False
+                except Exception:
+                    return False
+            elif (info.get("type") == "string" or "enum" in info) and not isinstance(value, str):
+                return False
+        return True
+
+    return fits
+
+
+def _json(body: bytes) -> dict[str, Any]:
     try:
-        value = json.loads(body).get("fn_index")
-    except (ValueError, AttributeError):
-        return None
+        message = json.loads(body)
+    except (ValueError, RecursionError):  # RecursionError: a body nested thousands deep
+        return {}
+    return message if isinstance(message, dict) else {}
+
+
+def _fn_index(message: dict[str, Any]) -> int | None:
+    value = message.get("fn_index")
     return value if type(value) is int else None  # exactly int: Gradio would also accept "0" or 0.0
 
 

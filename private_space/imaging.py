@@ -1,4 +1,4 @@
-"""Photo decoding and validation, the class overlay, the composite and photo encoding. No model code here."""
+"""Photo decoding (its checks: photo_rules.py), the class overlay, the composite and WebP encoding. No model code."""
 
 from __future__ import annotations
 
@@ -10,21 +10,17 @@ import io
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps
 
-FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP"}
+from photo_rules import FORMAT_LIST, PhotoError, load_photo, open_photo
+
 ORIENTATION = 0x0112  # the EXIF tag
-FORMAT_LIST = "JPEG, PNG or WebP"
-
-
-class PhotoError(ValueError):
-    """A problem with the caller's photo, worded for the caller."""
 
 
 @dataclass(frozen=True)
 class Photo:
     image: Image.Image  # upright RGB, long side at most max_side: what the models see
-    original_b64: str | None  # the caller's own base64 when `image` is exactly what it decodes to (no re-encoding)
+    original_b64: str | None  # the caller's own base64 when `image` is that file unchanged (no re-encoding needed)
 
 
 def decode_photo(image_b64: str, *, max_bytes: int, max_pixels: int, max_side: int) -> Photo:
@@ -37,24 +33,10 @@ def decode_photo(image_b64: str, *, max_bytes: int, max_pixels: int, max_side: i
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise PhotoError("The photo could not be read: it is not valid base64.") from None
-    too_big = f"the limit is {max_pixels / 1e6:g} megapixels. Please send a smaller photo."
-    try:
-        photo = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError:
-        raise PhotoError(f"The photo has too many pixels: {too_big}") from None
-    except (UnidentifiedImageError, OSError):
-        raise PhotoError(f"The upload is not an image. Please send a {FORMAT_LIST} photo.") from None
-    if photo.format not in FORMATS:
-        raise PhotoError(f"{photo.format or 'This'} images are not supported. Please send a {FORMAT_LIST} photo.")
-    width, height = photo.size
-    if width * height > max_pixels:
-        raise PhotoError(f"The photo is {width}×{height} pixels; {too_big}")
-    try:
-        photo.load()
-    except (OSError, SyntaxError, ValueError):
-        raise PhotoError("The photo is truncated or damaged. Please send it again.") from None
-    untouched = photo.mode == "RGB" and max(photo.size) <= max_side
-    if untouched and photo.getexif().get(ORIENTATION, 1) == 1:
+    photo = open_photo(io.BytesIO(data), max_pixels=max_pixels)
+    fits = max(photo.size) <= max_side
+    load_photo(photo, max_side)
+    if fits and photo.mode == "RGB" and photo.getexif().get(ORIENTATION, 1) == 1:
         return Photo(photo, text)
     image = _flatten(ImageOps.exif_transpose(photo))
     if max(image.size) > max_side:

@@ -18,16 +18,26 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
+from starlette.middleware import Middleware
 
+from files import EXAMPLE_ROUTE, Files, FilesMiddleware
 from guard import launch_guarded
+from photo_rules import PhotoError, load_photo, open_photo
 from relay import FAILED, Backend, Finished, Queued, RelayError, Running, Update, Waking
+from visitors import FairShare, visitor_of
 
 BACKEND = os.getenv("BACKEND", "").strip()
 HF_TOKEN = os.getenv("HF_TOKEN") or None
 BACKEND_WAKE_TIMEOUT = float(os.getenv("BACKEND_WAKE_TIMEOUT", "180"))
 MAX_SIDE = int(os.getenv("MAX_SIDE", "1024"))  # the backend's own limit: larger photos are downscaled here first
+MAX_MEGAPIXELS = float(os.getenv("MAX_MEGAPIXELS", "40"))  # the backend's own limit: larger photos are refused here
 MAX_VISITORS = int(os.getenv("MAX_VISITORS", "256"))  # requests relayed at once (each waits in the backend queue)
+MAX_JOBS_PER_VISITOR = int(os.getenv("MAX_JOBS_PER_VISITOR", "2"))  # waiting or running at once; 0: no limit
+VISITOR_RATE = os.getenv("VISITOR_RATE", "6/minute").strip()  # photos per visitor ("20/hour"…); empty: no limit
+TRUSTED_PROXY_HOPS = int(os.getenv("TRUSTED_PROXY_HOPS", "1"))  # proxies that append X-Forwarded-For; 0: none
+KEEP_FILES_S = float(os.getenv("KEEP_FILES_S", "300"))  # the longest an unused upload or unfetched result stays
+DECODES_AT_ONCE = 2  # photos being decoded to be downscaled: each can take up to 4 bytes per pixel
 API_NAME = "predict_api"
 CATEGORIES = ("casual", "formal")
 GENDERS = ("male", "female")
@@ -35,8 +45,8 @@ EXAMPLE_PHOTO = Path(__file__).parent / "examples" / "astronaut.png"
 TICK_S = 1.0  # the countdown's step, and how soon a visitor who left is noticed
 
 NOT_CONFIGURED = "The service is not configured yet. Please try again later."
-NOT_AN_IMAGE = "The upload is not an image. Please choose a JPEG, PNG or WebP photo."
-RAW_FORMATS = {"JPEG", "PNG", "WEBP"}
+NO_PHOTO = "Please upload a photo first."
+UPLOAD_AGAIN = "Please upload your photo again: photos are removed from the server once they have been used."
 
 logger = logging.getLogger("backdrop")
 
@@ -68,23 +78,27 @@ def describe(update: Update | None, now: float) -> str:
     return update.status
 
 
-def photo_bytes(path: str, max_side: int) -> bytes:
+def photo_bytes(path: Path, max_side: int, max_pixels: int) -> bytes:
     """The upload as it is when the backend can take it, else upright, flattened and downscaled (JPEG).
 
-    The backend applies EXIF orientation itself, so only a photo that must be downscaled is decoded here.
+    It is refused from its header as the backend would refuse it, in the backend's words (photo_rules.py). The
+    backend applies EXIF orientation itself, so only a photo that must be downscaled is decoded here, and a large
+    JPEG at a fraction of its size.
     """
     try:
-        with Image.open(path) as photo:  # reads the header only
-            if photo.format in RAW_FORMATS and max(photo.size) <= max_side:
-                return Path(path).read_bytes()
-            photo.load()
-            image = ImageOps.exif_transpose(photo).convert("RGBA")
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
-        raise gr.Error(NOT_AN_IMAGE, print_exception=False) from None
-    image.thumbnail((max_side, max_side), Image.LANCZOS)
-    flat = Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
+        with open_photo(str(path), max_pixels=max_pixels) as photo:
+            if max(photo.size) <= max_side:
+                return path.read_bytes()
+            image = load_photo(photo, max_side)
+            ImageOps.exif_transpose(image, in_place=True)
+            if image.mode != "RGB":  # transparency goes over white once small; palettes would resize poorly
+                image = image.convert("RGBA" if image.has_transparency_data else "RGB")
+            image.thumbnail((max_side, max_side), Image.LANCZOS)  # in place: no full-size copy is ever made
+    except PhotoError as error:
+        raise gr.Error(str(error), print_exception=False) from None
+    flat = image if image.mode == "RGB" else Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
     buffer = io.BytesIO()
-    flat.save(buffer, format="JPEG", quality=92)
+    flat.convert("RGB").save(buffer, format="JPEG", quality=92)
     return buffer.getvalue()
 
 
@@ -122,9 +136,35 @@ async def ticking(updates: AsyncIterator[Update]) -> AsyncIterator[Update | None
 Outputs = tuple[str | None, str | None, str]  # overlay file, result file, status line
 
 
-def relay_endpoint(backend: Backend | None, max_side: int) -> Callable[..., AsyncIterator[Outputs]]:
-    """The endpoint: one visitor's request, relayed to the backend as its own job."""
+def check_request(backend: Backend | None, image: dict[str, Any] | None, category: str, gender: str) -> None:
+    """Refuse (gr.Error) a request that cannot be relayed, with the sentence that says why."""
+    if backend is None:
+        raise gr.Error(NOT_CONFIGURED, print_exception=False)
+    if not isinstance(image, dict) or not isinstance(image.get("path"), str) or not image["path"]:
+        raise gr.Error(NO_PHOTO, print_exception=False)
+    for value, choices, what in ((category, CATEGORIES, "category"), (gender, GENDERS, "gender")):
+        if value not in choices:
+            valid = ", ".join(f"'{choice}'" for choice in choices)
+            raise gr.Error(f"Unknown {what} '{value}'. Choose one of {valid}.", print_exception=False)
+
+
+async def read_upload(
+    upload: Path, files: Files, decoding: asyncio.Semaphore, *, max_side: int, max_pixels: int
+) -> bytes:
+    """The photo to send (photo_bytes), a few decoded at a time; the taken upload is used up either way."""
+    try:
+        async with decoding:
+            return await asyncio.to_thread(photo_bytes, upload, max_side, max_pixels)
+    finally:
+        files.used(upload)
+
+
+def relay_endpoint(
+    backend: Backend | None, *, max_side: int, max_pixels: int, fair_share: FairShare, trusted_hops: int, files: Files
+) -> Callable[..., AsyncIterator[Outputs]]:
+    """The endpoint: one visitor's request, held to their fair share, relayed to the backend as its own job."""
     outputs_dir = Path(tempfile.mkdtemp(prefix="backdrop-"))
+    decoding = asyncio.Semaphore(DECODES_AT_ONCE)
 
     def save_picture(b64: str, name: str) -> str:
         data = base64.b64decode(b64)
@@ -137,19 +177,21 @@ def relay_endpoint(backend: Backend | None, max_side: int) -> Callable[..., Asyn
     ) -> AsyncIterator[Outputs]:
         """Segment the person in the photo and composite them onto a generated backdrop, streaming the status."""
         progress = gr.Progress()
-        if backend is None:
-            raise gr.Error(NOT_CONFIGURED, print_exception=False)
-        if not image or not image.get("path"):
-            raise gr.Error("Please upload a photo first.", print_exception=False)
-        for value, choices, what in ((category, CATEGORIES, "category"), (gender, GENDERS, "gender")):
-            if value not in choices:
-                valid = ", ".join(f"'{choice}'" for choice in choices)
-                raise gr.Error(f"Unknown {what} '{value}'. Choose one of {valid}.", print_exception=False)
-        photo = await asyncio.to_thread(photo_bytes, image["path"], max_side)
+        check_request(backend, image, category, gender)
+        visitor = visitor_of(request, trusted_hops)
+        if refusal := fair_share.admit(visitor):
+            raise gr.Error(refusal, print_exception=False)  # the upload stays (a while) for the next try
+        try:  # from here until the job is over, however it ends, the visitor holds one of their slots
+            if (upload := files.take(image["path"])) is None:
+                raise gr.Error(UPLOAD_AGAIN, print_exception=False)
+            photo = await read_upload(upload, files, decoding, max_side=max_side, max_pixels=max_pixels)
+        except BaseException:
+            fair_share.release(visitor)
+            raise
         updates = backend.predict(photo, category, gender, ip_token=request.headers.get("x-ip-token"))
         del photo  # the relay holds it until it is sent, and no longer
         latest: Update | None = None
-        files: list[Path] = []
+        made: list[Path] = []
         try:
             async with contextlib.aclosing(ticking(updates)) as stream:
                 async for update in stream:
@@ -157,11 +199,12 @@ def relay_endpoint(backend: Backend | None, max_side: int) -> Callable[..., Asyn
                     if isinstance(latest, Running) and latest.fraction is not None:
                         progress(latest.fraction, desc=latest.desc)
                     if isinstance(latest, Finished):
-                        files = [
+                        made = [
                             Path(save_picture(latest.overlay_b64, "overlay")),
                             Path(save_picture(latest.result_b64, "result")),
                         ]
-                        yield str(files[0]), str(files[1]), latest.status
+                        files.made(*(path.name for path in made))  # Gradio's cached copies go once fetched
+                        yield str(made[0]), str(made[1]), latest.status
                         return
                     yield None, None, describe(latest, time.monotonic())
         except RelayError as error:
@@ -171,29 +214,40 @@ def relay_endpoint(backend: Backend | None, max_side: int) -> Callable[..., Asyn
             logger.error("The relay failed with %s.", type(error).__name__)
             raise gr.Error(FAILED, print_exception=False) from None
         finally:
-            for path in files:  # Gradio has copied them into its cache by now
+            fair_share.release(visitor)
+            for path in made:  # Gradio has copied them into its cache by now
                 path.unlink(missing_ok=True)
 
     return predict_api
 
 
 def create_app(
-    backend: Backend | None, *, max_side: int = MAX_SIDE, delete_cache: tuple[int, int] | None = (3600, 3600)
+    backend: Backend | None,
+    *,
+    max_side: int = MAX_SIDE,
+    max_megapixels: float = MAX_MEGAPIXELS,
+    max_jobs_per_visitor: int = MAX_JOBS_PER_VISITOR,
+    visitor_rate: str = VISITOR_RATE,
+    trusted_proxy_hops: int = TRUSTED_PROXY_HOPS,
+    keep_files_s: float = KEEP_FILES_S,
+    delete_cache: tuple[int, int] | None = (int(KEEP_FILES_S), int(KEEP_FILES_S)),
 ) -> gr.Blocks:
     """Build the page around `backend` (None when unconfigured); serve it with `serve()`, which adds the guard.
 
-    `delete_cache` (every, older than; seconds) bounds the uploads and results kept on disk. Tests that run
-    several apps in one process pass None: apps share Gradio's content-addressed cache, and one app's
-    clean-up at exit would delete another's uploads.
+    Uploads and results are removed as soon as they are used (files.py) and after `keep_files_s` at the latest;
+    `delete_cache` (every, older than; seconds) is Gradio's own sweep of anything else. Tests that run several
+    apps in one process pass None: apps share Gradio's content-addressed cache, and one app's clean-up at exit
+    would delete another's uploads.
     """
     with gr.Blocks(title="Backdrop", delete_cache=delete_cache) as demo:
+        files = Files(demo.GRADIO_CACHE, keep_files_s)
         gr.Markdown("# Backdrop\nUpload a portrait, pick a style, and get a new background behind the person.")
         if backend is None:
             gr.Markdown(f"**{NOT_CONFIGURED}**", elem_id="not-configured")
         with gr.Row(equal_height=False):
             with gr.Column(min_width=280):
                 photo = gr.Image(label="Photo", type="filepath", sources=["upload", "webcam"], elem_id="photo")
-                example = gr.Button("Use the example photo", size="sm", icon=str(EXAMPLE_PHOTO))
+                example = gr.Button("Use the example photo", size="sm", icon=_example_icon())
                 category = gr.Dropdown(list(CATEGORIES), value=CATEGORIES[0], label="Category")
                 gender = gr.Radio(list(GENDERS), value=GENDERS[0], label="Gender")
                 with gr.Row():
@@ -203,8 +257,16 @@ def create_app(
             with gr.Column(min_width=280):
                 overlay = gr.Image(label="Overlay", type="filepath", interactive=False, elem_id="overlay")
                 result = gr.Image(label="Result", type="filepath", interactive=False, elem_id="result")
+        endpoint = relay_endpoint(
+            backend,
+            max_side=max_side,
+            max_pixels=int(max_megapixels * 1e6),
+            fair_share=FairShare(max_jobs_per_visitor, visitor_rate),
+            trusted_hops=trusted_proxy_hops,
+            files=files,
+        )
         job = run.click(
-            relay_endpoint(backend, max_side),
+            endpoint,
             inputs=[photo, category, gender],
             outputs=[overlay, result, status],
             api_name=API_NAME,
@@ -216,12 +278,18 @@ def create_app(
         # Browser-only: fetch the example and hand it to the photo input as a real upload.
         example.click(None, js=_upload_example_js(), api_visibility="private")
     demo.queue(default_concurrency_limit=None)
+    demo.backdrop_files = files  # serve() hands it to the middleware that sees uploads and deliveries
     return demo
+
+
+def _example_icon() -> dict[str, Any]:
+    """The example as the button's icon, by the route that serves it (Gradio would show a file's server path)."""
+    return {"path": EXAMPLE_PHOTO.name, "url": EXAMPLE_ROUTE, "meta": {"_type": "gradio.FileData"}}
 
 
 def _upload_example_js() -> str:
     return f"""async () => {{
-        const blob = await (await fetch("gradio_api/file={EXAMPLE_PHOTO.resolve()}")).blob();
+        const blob = await (await fetch("{EXAMPLE_ROUTE.lstrip("/")}")).blob();
         const input = document.querySelector("#photo input[type=file]");
         const files = new DataTransfer();
         files.items.add(new File([blob], "{EXAMPLE_PHOTO.name}", {{type: "image/png"}}));
@@ -232,12 +300,17 @@ def _upload_example_js() -> str:
 
 def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
     """Launch `demo` behind the endpoint guard; returns once the server is up."""
-    gr.set_static_paths([EXAMPLE_PHOTO])
+    # Who a visitor is follows TRUSTED_PROXY_HOPS alone: uvicorn would otherwise take X-Forwarded-For from any
+    # client on loopback as the address (an explicit FORWARDED_ALLOW_IPS still wins).
+    os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
     launch_kwargs.setdefault("max_threads", MAX_VISITORS)  # also Gradio's cap on events running at once
     # Gradio keeps every session's component values (~45 kB here) until this many newer sessions have come; the
     # page reads none of them back, so only the visitors being served need theirs. (Its default keeps 10,000.)
     launch_kwargs.setdefault("state_session_capacity", MAX_VISITORS)
-    launch_guarded(demo, api_name=API_NAME, allow_uploads=True, max_file_size="20mb", **launch_kwargs)
+    files = Middleware(FilesMiddleware, files=demo.backdrop_files, example=EXAMPLE_PHOTO.read_bytes())
+    launch_guarded(
+        demo, api_name=API_NAME, allow_uploads=True, max_file_size="20mb", middleware=[files], **launch_kwargs
+    )
 
 
 def backend_from_env() -> Backend | None:

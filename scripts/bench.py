@@ -105,6 +105,7 @@ def start_stack(service_time: float, token: str) -> tuple[str, str, list[subproc
     )
     time.sleep(1 + service_time)  # the warm-up request
     front_env = {**quiet, "BACKEND": back, "HF_TOKEN": token, "GRADIO_SERVER_PORT": str(front_port)}
+    front_env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": ""}  # every caller here is one visitor, 127.0.0.1
     front_proc = start([sys.executable, str(ROOT / "public_space" / "app.py")], front_env, front, FRONT_CORES)
     return back, front, [backend, front_proc]
 
@@ -283,6 +284,7 @@ def backend_on_models(models: Path, token: str) -> None:
 MODES: dict[str, str] = {
     "models": "bench_models",  # full-size models on CPU, stage by stage
     "traffic": "bench_traffic",  # the private app under production traffic: GPU use, ETAs, memory of both apps
+    "fairness": "bench_fairness",  # fair share between visitors, big uploads, bad requests, files on disk
 }
 
 

@@ -91,7 +91,9 @@ class Stack:
 
 
 @contextlib.contextmanager
-def stack(private_app, public_app, service_time: float = 0.0, **backend_kwargs) -> Iterator[Stack]:
+def stack(
+    private_app, public_app, service_time: float = 0.0, front: dict | None = None, **backend_kwargs
+) -> Iterator[Stack]:
     """The private app with a stand-in pipeline, warmed up, behind the public app; both on loopback."""
     from standin import StandInPipeline
 
@@ -101,12 +103,16 @@ def stack(private_app, public_app, service_time: float = 0.0, **backend_kwargs) 
     back_demo = private_app.create_app(standin, **backend_kwargs)
     with running(back_demo, private_app.serve, token=TOKEN, warm_up=True) as back:
         wait_until(lambda: standin.intervals)  # the warm-up went through: ETAs exist from here on
-        with running(front_app(public_app, Backend(back, TOKEN)), public_app.serve) as front:
-            yield Stack(front, back, standin)
+        with running(front_app(public_app, Backend(back, TOKEN), **(front or {})), public_app.serve) as url:
+            yield Stack(url, back, standin)
 
 
-def front_app(public_app, backend):
-    return public_app.create_app(backend, delete_cache=None)
+# Every test visitor comes from 127.0.0.1: fair share is off unless a test turns it on (tests/test_fair_share.py).
+NO_FAIR_SHARE = {"max_jobs_per_visitor": 0, "visitor_rate": ""}
+
+
+def front_app(public_app, backend, **kwargs):
+    return public_app.create_app(backend, delete_cache=None, **{**NO_FAIR_SHARE, **kwargs})
 
 
 def wait_until(condition, timeout: float = 20.0) -> None:

@@ -10,8 +10,9 @@ from conftest import ROOT
 from guard import EndpointGuard
 
 
-def test_both_spaces_carry_the_same_guard():
-    assert (ROOT / "private_space" / "guard.py").read_bytes() == (ROOT / "public_space" / "guard.py").read_bytes()
+@pytest.mark.parametrize("module", ["guard.py", "photo_rules.py"])
+def test_both_spaces_carry_the_same_copy(module):
+    assert (ROOT / "private_space" / module).read_bytes() == (ROOT / "public_space" / module).read_bytes()
 
 
 SETTINGS = {"fn_indices": [3], "api_name": "predict_api"}
@@ -79,3 +80,58 @@ def test_oversized_bodies_are_refused():
     assert call("POST", "/gradio_api/queue/join", b'{"fn_index": 3, "data": ["0123456789"]}', max_body_bytes=10) == 413
     headers = [(b"content-length", b"999")]
     assert call("POST", "/gradio_api/call/predict_api", b"{}", headers=headers, max_body_bytes=10) == 413
+
+
+def run_guarded(app, method: str = "GET", path: str = "/config", body: bytes = b"", **settings) -> list[dict]:
+    """One request through a guard in front of `app`; returns the messages sent."""
+    sent: list[dict] = []
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": []}
+    asyncio.run(EndpointGuard(app, **SETTINGS, **settings)(scope, receive, send))
+    return sent
+
+
+def test_a_failing_app_gets_a_500_or_an_ended_stream_and_a_flood_of_failures_one_log_line(caplog):
+    async def fails_at_once(scope, receive, send):
+        raise RuntimeError("boom")
+
+    async def fails_mid_stream(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        raise RuntimeError("boom")
+
+    guard = EndpointGuard(fails_at_once, **SETTINGS)
+    sent: list[dict] = []
+
+    async def flood() -> None:
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        for _ in range(50):
+            await guard({"type": "http", "method": "GET", "path": "/x", "root_path": "", "headers": []}, receive, send)
+
+    with caplog.at_level("WARNING", logger="guard"):
+        asyncio.run(flood())
+    assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [500] * 50
+    assert [r.getMessage() for r in caplog.records] == ["GET /x failed: RuntimeError"]  # 49 more left out, for now
+    ended = run_guarded(fails_mid_stream)
+    assert ended[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+
+
+def test_data_that_does_not_fit_the_inputs_is_refused():
+    def fits(data):
+        return isinstance(data, list) and len(data) == 1
+
+    assert call("POST", "/gradio_api/queue/join", b'{"fn_index": 3, "data": ["a"]}', check_data=fits) == 200
+    assert call("POST", "/gradio_api/queue/join", b'{"fn_index": 3, "data": ["a", 2]}', check_data=fits) == 422
+    assert call("POST", "/gradio_api/call/predict_api", b'{"data": 5}', check_data=fits) == 422
+    assert call("POST", "/gradio_api/call/predict_api", b"[" * 100_000, check_data=fits) == 422

@@ -89,6 +89,13 @@ def test_a_photo_that_must_change_comes_back_as_the_photo_the_models_saw(backend
     assert decode(image).size == standin.sizes[0] == (320, 200)
 
 
+def test_a_jpeg_the_models_saw_as_it_was_comes_back_as_sent(backend, standin):
+    jpeg = png_b64(Image.new("RGB", (320, 200), "teal"), "JPEG")
+    image, *_ = client_for(backend).predict(jpeg, "casual", "male", api_name=API)
+    assert image == jpeg  # upright, RGB and small enough: not decoded into a new file, not re-encoded
+    assert standin.sizes == [(320, 200)]
+
+
 def test_prompt_comes_from_category_and_gender(backend, photo_b64, standin):
     client_for(backend).predict(photo_b64, "formal", "male", api_name=API)
     assert "formal portrait of a man" in standin.prompts[-1]

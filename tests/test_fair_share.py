@@ -1,0 +1,111 @@
+"""Fair share on the public app: who a visitor is (forged headers included), and a flooder cannot crowd others out."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+from conftest import EXAMPLE_PHOTO, stack, visitor, wait_until
+from gradio_client import handle_file
+from starlette.datastructures import Headers
+
+from visitors import FairShare, visitor_of
+
+API = "/predict_api"
+
+
+def request(*forwarded_for: str, peer: str = "10.1.2.3", username: str | None = None, session: dict | None = None):
+    """A stand-in for gr.Request: the proxy's socket address, the X-Forwarded-For headers as sent, a user."""
+    headers = Headers(raw=[(b"x-forwarded-for", value.encode()) for value in forwarded_for])
+    raw = SimpleNamespace(scope={"session": session} if session else {})
+    return SimpleNamespace(client=SimpleNamespace(host=peer), headers=headers, username=username, request=raw)
+
+
+def test_the_address_is_the_one_the_last_trusted_proxy_appended():
+    assert visitor_of(request("198.51.100.7"), 1) == "address 198.51.100.7"
+    for forged in ("203.0.113.9, 198.51.100.7", "1.1.1.1, 2.2.2.2, 198.51.100.7", "evil,198.51.100.7"):
+        assert visitor_of(request(forged), 1) == "address 198.51.100.7"  # entries the client wrote are ignored
+    assert visitor_of(request("203.0.113.9", "198.51.100.7"), 1) == "address 198.51.100.7"  # two header lines
+    assert visitor_of(request("203.0.113.9, 198.51.100.7, 10.0.0.2"), 2) == "address 198.51.100.7"
+    assert visitor_of(request("203.0.113.9, 198.51.100.7"), 0) == "address 10.1.2.3"  # 0: the socket peer
+    assert visitor_of(request(), 1) == "address 10.1.2.3"  # no proxy in front after all: the peer, not nothing
+    assert visitor_of(request("198.51.100.7"), 2) == "address 10.1.2.3"
+    assert visitor_of(request("198.51.100.8"), 1) != visitor_of(request("198.51.100.7"), 1)
+
+
+def test_an_ipv6_client_is_one_visitor_per_64_and_a_user_is_one_visitor_anywhere():
+    a, b = request("2001:db8:1:2::1"), request("2001:DB8:1:2:ffff::9")
+    assert visitor_of(a, 1) == visitor_of(b, 1) == "address 2001:db8:1:2::/64"
+    assert visitor_of(request("2001:db8:1:3::1"), 1) != visitor_of(a, 1)
+    assert visitor_of(request("198.51.100.7", username="ada"), 1) == "user ada"
+    oauth = {"oauth_info": {"userinfo": {"preferred_username": "grace"}}}
+    assert visitor_of(request("198.51.100.7", session=oauth), 1) == "user grace"
+
+
+def test_jobs_and_rate_per_visitor_with_sentences_and_no_lasting_state():
+    share = FairShare(max_jobs=2, rate="3/2 second")
+    assert share.admit("a") is None
+    assert share.admit("a") is None
+    assert share.admit("a") == "You already have 2 photos in line. Please wait until one is done."
+    assert share.admit("b") is None  # another visitor is not touched
+    share.release("a")
+    assert share.admit("a") is None  # the third of the window
+    share.release("a")
+    share.release("a")
+    refusal = share.admit("a")
+    assert refusal is not None
+    assert refusal.startswith("You have sent too many photos in the last 2 seconds. Please try again in ")
+    share.release("b")
+    assert share.jobs == {}  # a visitor without a job leaves nothing behind
+    time.sleep(4.2)  # the sliding window counts the previous window too
+    assert share.admit("a") is None
+    share.release("a")
+    time.sleep(4.2)
+    share.admit("c")  # the storage expires old windows when it is next written to
+    time.sleep(0.2)
+    assert [key for key in share.limiter.storage.storage if "/a/" in key] == []
+
+
+def test_a_flooder_gets_two_places_and_the_next_visitor_is_at_most_third(private_app, public_app):
+    fair = {"max_jobs_per_visitor": 2, "visitor_rate": "100/minute", "trusted_proxy_hops": 1}
+    with stack(private_app, public_app, service_time=0.3, front=fair) as s:
+        # Visitor A (203.0.113.1) sends 8 at once, each posing as someone else in the part of the header it writes.
+        flood = [visitor(s.front, {"X-Forwarded-For": f"192.0.2.{i}, 203.0.113.1"}) for i in range(8)]
+        with ThreadPoolExecutor(len(flood)) as pool:
+            jobs = list(pool.map(submit, flood))
+        wait_until(lambda: sum(job.done() for job in jobs) >= 6, timeout=30)
+        refused = [str(job.exception()) for job in jobs if job.done()]
+        # Visitor C, another address, arrives after them with two photos: both go in, behind A's two at most.
+        later = [submit(visitor(s.front, {"X-Forwarded-For": "203.0.113.3"})) for _ in range(2)]
+        for job in later:
+            assert job.result(timeout=30)[2].startswith("Done in ")
+        for job in jobs:
+            if not job.done() or job.exception() is None:
+                assert job.result(timeout=30)[2].startswith("Done in ")
+    assert refused == ["You already have 2 photos in line. Please wait until one is done."] * 6
+    places = [line for job in later for line in statuses(job) if " in line" in line]
+    assert places
+    at_most_third = ("You are next in line", "You are 2nd in line", "You are 3rd in line")
+    assert all(line.startswith(at_most_third) for line in places), places
+
+
+def submit(client):
+    return client.submit(handle_file(str(EXAMPLE_PHOTO)), "casual", "male", api_name=API)
+
+
+def statuses(job) -> list[str]:
+    return [output[2] for output in job.outputs()]
+
+
+def test_a_cancelled_job_gives_its_slot_back(private_app, public_app):
+    fair = {"max_jobs_per_visitor": 1, "visitor_rate": "100/minute", "trusted_proxy_hops": 1}
+    with stack(private_app, public_app, service_time=1.0, front=fair) as s:
+        blocker = submit(visitor(s.front, {"X-Forwarded-For": "203.0.113.1"}))
+        wait_until(lambda: s.standin.inside == 1)
+        same = {"X-Forwarded-For": "203.0.113.2"}
+        waiting = submit(visitor(s.front, same))
+        wait_until(lambda: any(" in line" in line for line in statuses(waiting)))
+        waiting.cancel()
+        assert submit(visitor(s.front, same)).result(timeout=30)[2].startswith("Done in ")  # not "already have 1"
+        assert blocker.result(timeout=30)[2].startswith("Done in ")

@@ -1,0 +1,171 @@
+"""Hardened edges: bounded decoding with the backend's sentences, no tracebacks from requests, no files piling up,
+and no server path on any page."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+import uuid
+import zlib
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import pytest
+from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, stack, visitor, wait_until
+from gradio_client import Client, handle_file
+from PIL import Image, JpegImagePlugin
+
+from photo_rules import PhotoError
+
+API = "/predict_api"
+LIMITS = {"max_pixels": 40_000_000}
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims a size in its header and holds (almost) nothing: what a decompression bomb looks like."""
+    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    chunk = b"IHDR" + ihdr
+    return b"\x89PNG\r\n\x1a\n" + len(ihdr).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big")
+
+
+def animated_gif() -> bytes:
+    frames = [Image.new("RGB", (16, 16), colour) for colour in ("red", "blue")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
+BAD_PHOTOS = {
+    "60000×60000 PNG header": png_header_only(60_000, 60_000),
+    "9000×9000 PNG header": png_header_only(9_000, 9_000),
+    "animated GIF": animated_gif(),
+    "text": b"hello, world\n" * 20,
+}
+
+
+@pytest.mark.parametrize("case", BAD_PHOTOS)
+def test_the_front_refuses_what_the_backend_refuses_in_the_same_words(public_app, tmp_path, case):
+    from imaging import decode_photo
+
+    path = tmp_path / "upload"
+    path.write_bytes(BAD_PHOTOS[case])
+    with pytest.raises(gr.Error) as front:
+        public_app.photo_bytes(path, 1024, **LIMITS)
+    with pytest.raises(PhotoError) as back:
+        decode_photo(base64.b64encode(BAD_PHOTOS[case]).decode(), max_bytes=10 * 2**20, max_side=1024, **LIMITS)
+    assert front.value.message == str(back.value)
+    assert "Please send" in str(back.value)
+
+
+def test_a_big_jpeg_is_decoded_at_a_fraction_of_its_size(public_app, tmp_path, monkeypatch):
+    decoded: list[tuple[int, int]] = []
+    load = JpegImagePlugin.JpegImageFile.load
+
+    def recording_load(self):
+        decoded.append(self.size)  # the size the decoder produces, after any draft
+        return load(self)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", recording_load)
+    path = tmp_path / "big.jpg"
+    Image.new("RGB", (6000, 4000), "teal").save(path, quality=80)
+    with Image.open(io.BytesIO(public_app.photo_bytes(path, 1024, **LIMITS))) as sent:
+        assert (sent.format, sent.size) == ("JPEG", (1024, 683))
+    assert decoded
+    assert decoded[0][0] <= 6000 // 2  # at 1/2 scale or smaller, never the full 24 megapixels
+
+
+def test_no_request_writes_a_traceback_and_a_flood_costs_a_few_lines(private_app, public_app, caplog, capfd):
+    caplog.set_level("INFO")
+    with stack(private_app, public_app) as s:
+        front_index = fn_index(s.front, {})
+        back_headers = {"x-hf-authorization": f"Bearer {TOKEN}"}
+        back_index = fn_index(s.back, back_headers)
+        for base, headers, index in ((s.front, {}, front_index), (s.back, back_headers, back_index)):
+            for _ in range(20):
+                for method, path, body in bad_requests(index):
+                    with httpx.Client(base_url=base, headers=headers, timeout=10) as http:
+                        http.request(method, path, json=body)
+        assert visitor(s.front).predict(handle_file(str(EXAMPLE_PHOTO)), "casual", "male", api_name=API)
+    out, err = capfd.readouterr()
+    logged = [record.getMessage() for record in caplog.records if record.name == "guard"]
+    assert "Traceback" not in out + err
+    assert "Exception in ASGI application" not in out + err
+    assert "Traceback" not in "\n".join(logged)
+    assert len(logged) <= 12, logged  # 2 apps x (one line per kind of refusal or failure, 10 s apart)
+    assert all(len(line) < 200 and "\n" not in line for line in logged), logged
+
+
+def fn_index(base: str, headers: dict[str, str]) -> int:
+    config = httpx.get(f"{base}config", headers=headers).json()
+    return next(dep["id"] for dep in config["dependencies"] if dep["api_name"] == "predict_api")
+
+
+def bad_requests(index: int) -> list[tuple[str, str, object]]:
+    return [
+        ("GET", "gradio_api/queue/data?session_hash=unknown", None),
+        ("GET", "gradio_api/call/predict_api/unknown", None),
+        ("POST", "gradio_api/queue/join", {"fn_index": index, "session_hash": "x", "data": ["abc"]}),
+        ("POST", "gradio_api/queue/join", {"fn_index": index, "session_hash": "x", "data": [5, [1], {"a": 1}]}),
+        ("POST", "gradio_api/call/predict_api", {"data": "garbage"}),
+        ("POST", "gradio_api/queue/join", {"fn_index": index + 1000, "data": []}),
+        ("POST", "gradio_api/run/other%0A%0AFAKE%20LOG%20LINE", {}),
+    ]
+
+
+def test_uploads_and_results_leave_the_disk_once_used(private_app, public_app, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"  # Gradio's cache folder for these apps alone (others may be running on this machine)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    photo = tmp_path / "a-photo-of-its-own.png"
+    with Image.open(EXAMPLE_PHOTO) as example:
+        example.rotate(90).save(photo)
+
+    def kept() -> set[Path]:
+        return set(cache.glob("*/*"))
+
+    with stack(private_app, public_app, front={"keep_files_s": 2}) as s:
+        client = Client(s.front, token=False, verbose=False, download_files=str(tmp_path / "downloads"))
+        for _ in range(3):
+            status = client.predict(handle_file(str(photo)), "casual", "male", api_name=API)[2]
+            assert status.startswith("Done in ")
+        wait_until(lambda: not kept())
+        # A photo already used is gone: sending its server path again gets a sentence, not someone else's file.
+        with httpx.Client(base_url=s.front) as raw:
+            upload = raw.post("gradio_api/upload", files={"files": (photo.name, photo.read_bytes())}).json()[0]
+            assert raw_call(raw, upload).startswith("Done in ")
+            assert raw_call(raw, upload) == public_app.UPLOAD_AGAIN
+            assert raw_call(raw, "/etc/hostname") == ""  # refused (422) before it is queued: no such upload
+            assert kept()  # the results of the call above, never fetched ...
+            time.sleep(2.5)
+            raw.post("gradio_api/upload", files={"files": ("later.png", EXAMPLE_PHOTO.read_bytes())})
+            wait_until(lambda: {p.name for p in kept()} == {"later.png"})  # ... are gone after keep_files_s
+
+
+def raw_call(raw: httpx.Client, path: str) -> str:
+    """One call with a server path as the photo, the way a browser makes it; returns the last status or error."""
+    fn = next(dep["id"] for dep in raw.get("config").json()["dependencies"] if dep["api_name"] == "predict_api")
+    session = uuid.uuid4().hex
+    photo = {"path": path, "meta": {"_type": "gradio.FileData"}}
+    raw.post(
+        "gradio_api/queue/join", json={"data": [photo, "casual", "male"], "fn_index": fn, "session_hash": session}
+    )
+    with raw.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as stream:
+        for line in stream.iter_lines():
+            message = json.loads(line[5:]) if line.startswith("data:") else {}
+            if message.get("msg") == "process_completed":
+                output = message["output"]
+                return output.get("error") or output["data"][2]
+    return ""
+
+
+def test_no_server_path_in_config_or_page_and_the_example_is_served(private_app, public_app):
+    with stack(private_app, public_app) as s:
+        texts = [httpx.get(f"{s.front}{path}").text for path in ("", "config", "gradio_api/info")]
+        example = httpx.get(f"{s.front}examples/astronaut.png")
+    for text in texts:
+        assert str(ROOT) not in text
+        assert str(EXAMPLE_PHOTO.parent) not in text
+    assert example.status_code == 200
+    assert example.content == EXAMPLE_PHOTO.read_bytes()
