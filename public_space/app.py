@@ -21,9 +21,10 @@ import gradio as gr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from guard import launch_guarded
-from relay import FAILED, Backend, Finished, Queued, RelayError, Running, Update, Waking
+from relay import FAILED, Backend, Backends, Finished, Queued, RelayError, Running, Update, Waking
 
-BACKEND = os.getenv("BACKEND", "").strip()
+BACKEND = [target.strip() for target in os.getenv("BACKEND", "").split(",") if target.strip()]  # Space ids or URLs
+BACKEND_RETRY_S = float(os.getenv("BACKEND_RETRY_S", "10"))  # a backend that failed is probed again after this
 HF_TOKEN = os.getenv("HF_TOKEN") or None
 BACKEND_WAKE_TIMEOUT = float(os.getenv("BACKEND_WAKE_TIMEOUT", "180"))
 MAX_SIDE = int(os.getenv("MAX_SIDE", "1024"))  # the backend's own limit: larger photos are downscaled here first
@@ -111,7 +112,7 @@ async def ticking(updates: AsyncIterator[Update]) -> AsyncIterator[Update | None
 Outputs = tuple[str | None, str | None, str]  # overlay file, result file, status line
 
 
-def relay_endpoint(backend: Backend | None, max_side: int) -> Callable[..., AsyncIterator[Outputs]]:
+def relay_endpoint(backend: Backend | Backends | None, max_side: int) -> Callable[..., AsyncIterator[Outputs]]:
     """The endpoint: one visitor's request, relayed to the backend as its own job."""
     outputs_dir = Path(tempfile.mkdtemp(prefix="backdrop-"))
 
@@ -166,7 +167,10 @@ def relay_endpoint(backend: Backend | None, max_side: int) -> Callable[..., Asyn
 
 
 def create_app(
-    backend: Backend | None, *, max_side: int = MAX_SIDE, delete_cache: tuple[int, int] | None = (3600, 3600)
+    backend: Backend | Backends | None,
+    *,
+    max_side: int = MAX_SIDE,
+    delete_cache: tuple[int, int] | None = (3600, 3600),
 ) -> gr.Blocks:
     """Build the page around `backend` (None when unconfigured); serve it with `serve()`, which adds the guard.
 
@@ -227,14 +231,14 @@ def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
     launch_guarded(demo, api_name=API_NAME, allow_uploads=True, max_file_size="20mb", **launch_kwargs)
 
 
-def backend_from_env() -> Backend | None:
-    """The configured backend, or None, logging which variable is missing (never its value)."""
+def backend_from_env() -> Backends | None:
+    """The configured backends, or None, logging which variable is missing (never its value)."""
     if not BACKEND:
         logger.error("BACKEND is not set: the page will say the service is not configured.")
         return None
     if not HF_TOKEN:
         logger.warning("HF_TOKEN is not set: requests to the backend carry no token.")
-    return Backend(BACKEND, HF_TOKEN, wake_timeout=BACKEND_WAKE_TIMEOUT)
+    return Backends.connect(BACKEND, HF_TOKEN, wake_timeout=BACKEND_WAKE_TIMEOUT, retry_after=BACKEND_RETRY_S)
 
 
 if __name__ == "__main__":
