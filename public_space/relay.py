@@ -321,6 +321,8 @@ class Backend:
                     message = json.loads(line[5:])
                     if message.get("event_id") not in (None, job.event_id):
                         continue
+                    if message.get("msg") == "unexpected_error":  # the backend is stopping, or lost our session
+                        break
                     self._note(job, message)
                     update = _update(message)
                     if update is not None:
@@ -330,7 +332,7 @@ class Backend:
         except httpx.HTTPError as error:
             logger.warning("The stream from %s broke (%s).", self.name, type(error).__name__)
         self._endpoint = None
-        raise _StreamBroke
+        raise _StreamBroke  # the pool resends a job that had not started, or says LOST
 
     def _note(self, job: _Job, message: dict) -> None:
         """Keep what the backend announces about this job: its expected finish, its start, its average job time."""
@@ -483,6 +485,4 @@ def _update(message: dict) -> Update | None:
         if message.get("success") and len(data) == 4:
             return Finished(*data)
         raise RelayError(output.get("error") or FAILED)  # a gr.Error's sentence from the backend, as it is
-    if kind == "unexpected_error":
-        raise RelayError(LOST)
     return None  # heartbeat, log, process_generating, close_stream
