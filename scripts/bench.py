@@ -280,7 +280,7 @@ def backend_on_models(models: Path, token: str) -> None:
 
 
 # Further modes, each in a module of its own beside this one: `python scripts/bench.py MODE --help`.
-MODES: dict[str, str] = {}
+MODES: dict[str, str] = {"backends": "bench_backends"}
 
 
 def main() -> None:
