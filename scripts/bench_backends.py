@@ -9,7 +9,9 @@ Nothing is pinned to a core: up to six backend processes, the front and the call
 gradio_client Client, all started at once; before each measured run a warm round of two callers per backend gives
 the relay each backend's figures. Prints, all measured in this one run:
 - the makespan of N callers on 1, 2 and 4 backends of S seconds, its ratio to the one-backend makespan and the
-  throughput multiple;
+  throughput multiple; the multiple of the rate at which jobs finished once they did (first to last finish: the
+  callers' simultaneous start-up left out); and the same makespans for the relay's own `Backends` driving the
+  same backends from this process, with no front and no gradio_client (the routing alone, without their CPU);
 - a pair of S_fast and S backends against the best possible split: on paper N / (1/S_fast + 1/S), and as measured,
   1 / (1/M_fast + 1/M) where M_fast and M are the makespans of the same N callers on each backend alone (the pair
   finishing together, each at the pace it kept alone, per-job and start-up overheads included);
@@ -21,6 +23,7 @@ the relay each backend's figures. Prints, all measured in this one run:
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import secrets
@@ -63,6 +66,12 @@ class Run:
     records: list[Record]
     makespan: float
     backends: int
+
+    @property
+    def finish_rate(self) -> float:
+        """Jobs per second from the first finish to the last."""
+        finishes = sorted(r.finished for r in self.records)
+        return (len(finishes) - 1) / (finishes[-1] - finishes[0])
 
 
 def start_backend(service_time: float, token: str) -> tuple[str, subprocess.Popen]:
@@ -118,6 +127,28 @@ def measure(backends: Sequence[str], callers: int, token: str, during: threading
     return Run(records, makespan, len(backends))
 
 
+def relay_alone(backends: Sequence[str], callers: int, token: str) -> float:
+    """The makespan of N jobs sent at once by the relay's own `Backends`, in this process, after a warm round."""
+    sys.path.insert(0, str(ROOT / "public_space"))
+    from relay import Backend, Backends
+
+    photo = PHOTO.read_bytes()
+
+    async def run() -> float:
+        pool = Backends([Backend(url, token) for url in backends])
+
+        async def one() -> float:
+            async for _ in pool.predict(photo, "casual", "male"):
+                pass
+            return time.monotonic()
+
+        await asyncio.gather(*(one() for _ in range(2 * len(backends))))
+        started = time.monotonic()
+        return max(await asyncio.gather(*(one() for _ in range(callers)))) - started
+
+    return asyncio.run(run())
+
+
 def eta_error(record: Record) -> float | None:
     """|when the first ETA shown said the job would finish - when it did| / how long it took from then."""
     shown = [(t, m) for t, text in record.statuses if (m := ETA.search(text))]
@@ -167,9 +198,18 @@ def main(argv: list[str]) -> None:
             print(
                 f"{k} backend{'s' if k > 1 else ' '} at S = {s} s: makespan {run.makespan:6.2f} s "
                 f"(N·S/k = {n * s / k:5.2f} s), ratio to one backend {run.makespan / one:.3f}, "
-                f"throughput x{one / run.makespan:.2f}"
+                f"throughput x{one / run.makespan:.2f}; finish rate x{run.finish_rate / runs[1].finish_rate:.2f}"
             )
             print(f"    {place_and_eta(run)}; errors: {sum(bool(r.error) for r in run.records)}")
+        alone = {k: relay_alone(same[:k], n, token) for k in (1, 2, 4)}
+        print(
+            "the relay's Backends alone (no front, no gradio_client): makespans "
+            + ", ".join(f"{k}: {m:.2f} s" for k, m in alone.items())
+            + "; ratios "
+            + ", ".join(f"{alone[k] / alone[1]:.3f}" for k in (2, 4))
+            + "; throughput "
+            + ", ".join(f"x{alone[1] / alone[k]:.2f}" for k in (2, 4))
+        )
 
         fast_alone = measure([fast], n, token).makespan
         pair = measure([same[0], fast], n, token)
