@@ -124,6 +124,7 @@ class Backend:
         self.jobs: dict[str, _Job] = {}
         self.service: float | None = None
         self.interval: float | None = None
+        self.finished = 0  # jobs it finished for this relay
         self.down = False
         self._failures = 0
         self._last_completion: float | None = None
@@ -196,6 +197,7 @@ class Backend:
                 self._cancel_soon(job.endpoint, job.session, job.event_id)
 
     def _completed(self, now: float) -> None:
+        self.finished += 1
         if self._last_completion is not None:  # busy since the last one: the gap is one job's share of its time
             gap = now - self._last_completion
             self.interval = gap if self.interval is None else self.interval + INTERVAL_WEIGHT * (gap - self.interval)

@@ -11,10 +11,12 @@ the relay each backend's figures. Prints, all measured in this one run:
 - the makespan of N callers on 1, 2 and 4 backends of S seconds, its ratio to the one-backend makespan and the
   throughput multiple; the multiple of the rate at which jobs finished once they did (first to last finish: the
   callers' simultaneous start-up left out); and the same makespans for the relay's own `Backends` driving the
-  same backends from this process, with no front and no gradio_client (the routing alone, without their CPU);
+  same backends from this process, with no front and no gradio_client (the routing alone, without their CPU; these
+  run first, and so every backend has run many jobs before the runs through the front);
 - a pair of S_fast and S backends against the best possible split: on paper N / (1/S_fast + 1/S), and as measured,
   1 / (1/M_fast + 1/M) where M_fast and M are the makespans of the same N callers on each backend alone (the pair
-  finishing together, each at the pace it kept alone, per-job and start-up overheads included);
+  finishing together, each at the pace it kept alone, per-job and start-up overheads included); for the relay
+  alone, how many jobs each of the pair ran;
 - two backends of S, one killed (SIGKILL) halfway: LOST jobs, split into those that had started and those that had
   not (must be none), and whether every other job finished;
 - per run: the queued callers who saw their place in line, and the median error of the first ETA each was shown.
@@ -39,7 +41,6 @@ from bench import API, CORES, PHOTO, ROOT, SSL, free_port, run_callers, start
 
 QUIET = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
 ETA = re.compile(r"about (\d+(?:\.\d+)?) (s|min)")
-DONE_IN = re.compile(r"Done in (\d+(?:\.\d+)?) s")
 LOST = "The image service stopped while working on your photo. Please try again."
 
 
@@ -53,12 +54,6 @@ class Record:
     @property
     def started(self) -> bool:
         return any(text.startswith("Working on your photo") for _, text in self.statuses)
-
-    @property
-    def job_time(self) -> float | None:
-        """The backend's own time for the job, from its "Done in ... s"."""
-        done = [float(m[1]) for _, text in self.statuses if (m := DONE_IN.search(text))]
-        return done[-1] if done else None
 
 
 @dataclass
@@ -127,14 +122,15 @@ def measure(backends: Sequence[str], callers: int, token: str, during: threading
     return Run(records, makespan, len(backends))
 
 
-def relay_alone(backends: Sequence[str], callers: int, token: str) -> float:
-    """The makespan of N jobs sent at once by the relay's own `Backends`, in this process, after a warm round."""
+def relay_alone(backends: Sequence[str], callers: int, token: str) -> tuple[float, list[int]]:
+    """The makespan of N jobs sent at once by the relay's own `Backends`, in this process, after a warm round;
+    and how many of them each backend ran."""
     sys.path.insert(0, str(ROOT / "public_space"))
     from relay import Backend, Backends
 
     photo = PHOTO.read_bytes()
 
-    async def run() -> float:
+    async def run() -> tuple[float, list[int]]:
         pool = Backends([Backend(url, token) for url in backends])
 
         async def one() -> float:
@@ -143,8 +139,10 @@ def relay_alone(backends: Sequence[str], callers: int, token: str) -> float:
             return time.monotonic()
 
         await asyncio.gather(*(one() for _ in range(2 * len(backends))))
+        before = [backend.finished for backend in pool.backends]
         started = time.monotonic()
-        return max(await asyncio.gather(*(one() for _ in range(callers)))) - started
+        makespan = max(await asyncio.gather(*(one() for _ in range(callers)))) - started
+        return makespan, [backend.finished - b for backend, b in zip(pool.backends, before, strict=True)]
 
     return asyncio.run(run())
 
@@ -192,6 +190,30 @@ def main(argv: list[str]) -> None:
         processes.append(doomed_process)
         time.sleep(2 + s)  # the warm-ups
 
+        # The relay's own Backends first: the routing alone, and it warms every backend (many jobs behind each
+        # one's average job time, as on a server that has been up a while).
+        alone = {k: relay_alone(same[:k], n, token)[0] for k in (1, 2, 4)}
+        fast_by_itself = relay_alone([fast], n, token)[0]
+        pair_alone, split = relay_alone([same[0], fast], n, token)
+        relay_alone([doomed], 8, token)
+        print(
+            "the relay's Backends alone (no front, no gradio_client): makespans "
+            + ", ".join(f"{k}: {m:.2f} s" for k, m in alone.items())
+            + "; ratios to one "
+            + ", ".join(f"{alone[k] / alone[1]:.3f}" for k in (2, 4))
+            + "; throughput "
+            + ", ".join(f"x{alone[1] / alone[k]:.2f}" for k in (2, 4))
+        )
+        on_paper = n / (1 / fast_s + 1 / s)
+        best = 1 / (1 / fast_by_itself + 1 / alone[1])
+        share = n * (1 / fast_s) / (1 / fast_s + 1 / s)
+        print(
+            f"    pair S = {fast_s} s + {s} s: makespan {pair_alone:.2f} s; best split on paper {on_paper:.2f} s -> "
+            f"{pair_alone / on_paper:.3f}; as measured (alone {fast_by_itself:.2f} s and {alone[1]:.2f} s) "
+            f"{best:.2f} s -> {pair_alone / best:.3f}; jobs on the fast / slow one {split[1]} / {split[0]} "
+            f"(in proportion to 1/S: {share:.0f} / {n - share:.0f})"
+        )
+
         runs = {k: measure(same[:k], n, token) for k in (1, 2, 4)}
         one = runs[1].makespan
         for k, run in runs.items():
@@ -201,29 +223,14 @@ def main(argv: list[str]) -> None:
                 f"throughput x{one / run.makespan:.2f}; finish rate x{run.finish_rate / runs[1].finish_rate:.2f}"
             )
             print(f"    {place_and_eta(run)}; errors: {sum(bool(r.error) for r in run.records)}")
-        alone = {k: relay_alone(same[:k], n, token) for k in (1, 2, 4)}
-        print(
-            "the relay's Backends alone (no front, no gradio_client): makespans "
-            + ", ".join(f"{k}: {m:.2f} s" for k, m in alone.items())
-            + "; ratios "
-            + ", ".join(f"{alone[k] / alone[1]:.3f}" for k in (2, 4))
-            + "; throughput "
-            + ", ".join(f"x{alone[1] / alone[k]:.2f}" for k in (2, 4))
-        )
 
         fast_alone = measure([fast], n, token).makespan
         pair = measure([same[0], fast], n, token)
-        on_paper, measured = n / (1 / fast_s + 1 / s), 1 / (1 / fast_alone + 1 / one)
-        on_fast = sum(1 for r in pair.records if (t := r.job_time) is not None and t < (fast_s + s) / 2)
-        share = n * (1 / fast_s) / (1 / fast_s + 1 / s)
+        measured = 1 / (1 / fast_alone + 1 / one)
         print(
             f"pair S = {fast_s} s + {s} s: makespan {pair.makespan:.2f} s; best possible split on paper "
             f"{on_paper:.2f} s -> {pair.makespan / on_paper:.3f}; as measured (alone: {fast_alone:.2f} s and "
             f"{one:.2f} s) {measured:.2f} s -> {pair.makespan / measured:.3f}"
-        )
-        print(
-            f"    jobs on the fast / slow backend: {on_fast} / {n - on_fast} (in proportion to S: "
-            f'{share:.0f} / {n - share:.0f}; told apart by the backend\'s own "Done in" time)'
         )
         print(f"    {place_and_eta(pair)}; errors: {sum(bool(r.error) for r in pair.records)}")
 

@@ -6,10 +6,13 @@ Real private apps (stand-in pipelines) on loopback behind the real public app, c
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import httpx
-from conftest import EXAMPLE_PHOTO, TOKEN, free_port, front_app, running, visitor, wait_until
+from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, free_port, front_app, running, visitor, wait_until
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from standin import StandInPipeline
@@ -117,3 +120,16 @@ def test_a_backend_closed_mid_run_loses_only_the_job_it_was_running(private_app,
             dying.close()
     assert sorted(outcomes) == sorted(["Done", "Done", "Done", LOST]), outcomes
     assert jobs_run(other) == 3  # its own share and the job that had not started on the closed backend
+
+
+def test_backend_takes_a_comma_separated_list_with_one_token():
+    code = (
+        "import sys; sys.path.insert(0, 'public_space'); import app; pool = app.backend_from_env(); "
+        "print([(b.target, b._headers, b.retry_after, b.wake_timeout) for b in pool.backends])"
+    )
+    env = {**os.environ, "BACKEND": " me/gpu-1, http://10.0.0.2:7860 ,", "HF_TOKEN": "hf_x", "BACKEND_RETRY_S": "3"}
+    env["BACKEND_WAKE_TIMEOUT"] = "40"
+    command = [sys.executable, "-c", code]
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
+    token = {"x-hf-authorization": "Bearer hf_x"}
+    assert out.stdout.strip() == str([("me/gpu-1", token, 3.0, 40.0), ("http://10.0.0.2:7860", token, 3.0, 40.0)])
