@@ -21,6 +21,7 @@ import json
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -35,7 +36,7 @@ RETRY_EVERY_S = 2.0  # while every backend is down, a waiting visitor's tries
 RETRY_DOWN_S = 10.0  # a backend that failed is probed again after this, doubling up to RETRY_DOWN_MAX_S
 RETRY_DOWN_MAX_S = 60.0
 JOINS_AT_ONCE = 4
-INTERVAL_WEIGHT = 0.3  # how much each new gap between two completions moves a backend's observed interval
+GAPS_KEPT = 20  # a backend's observed interval is the mean of its last this many gaps between two completions
 
 BUSY = "The service is busy, please try again in a minute."
 UNAVAILABLE = "The image service is not reachable right now. Please try again in a few minutes."
@@ -123,7 +124,7 @@ class Backend:
         self.name = name  # for log lines, which never carry the address
         self.jobs: dict[str, _Job] = {}
         self.service: float | None = None
-        self.interval: float | None = None
+        self._gaps: deque[float] = deque(maxlen=GAPS_KEPT)
         self.finished = 0  # jobs it finished for this relay
         self.down = False
         self._failures = 0
@@ -199,9 +200,13 @@ class Backend:
     def _completed(self, now: float) -> None:
         self.finished += 1
         if self._last_completion is not None:  # busy since the last one: the gap is one job's share of its time
-            gap = now - self._last_completion
-            self.interval = gap if self.interval is None else self.interval + INTERVAL_WEIGHT * (gap - self.interval)
+            self._gaps.append(now - self._last_completion)
         self._last_completion = now if self.jobs else None
+
+    @property
+    def interval(self) -> float | None:
+        """The mean time between two completions while busy (a mean: completions are read in bursts), or None."""
+        return sum(self._gaps) / len(self._gaps) if self._gaps else None
 
     def mark_down(self, reason: str) -> None:
         """Skip this backend for new jobs, and probe it in the background (backing off) until it answers."""
@@ -385,9 +390,8 @@ class Backends:
     @classmethod
     def connect(cls, targets: Sequence[str], token: str | None, **settings: float) -> Backends:
         """One `Backend` per target (Space id or URL), all with the same token and settings."""
-        names = [
-            f"backend {i} of {len(targets)}" if len(targets) > 1 else "the backend" for i in range(1, len(targets) + 1)
-        ]
+        count = len(targets)
+        names = [f"backend {i} of {count}" if count > 1 else "the backend" for i in range(1, count + 1)]
         return cls(
             [Backend(target, token, name=name, **settings) for target, name in zip(targets, names, strict=True)]
         )

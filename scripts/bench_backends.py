@@ -39,9 +39,11 @@ from dataclasses import dataclass, field
 
 from bench import API, CORES, PHOTO, ROOT, SSL, free_port, run_callers, start
 
+sys.path.insert(0, str(ROOT / "public_space"))
+from relay import LOST, Backend, Backends  # the public Space's own relay (no gradio)
+
 QUIET = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
 ETA = re.compile(r"about (\d+(?:\.\d+)?) (s|min)")
-LOST = "The image service stopped while working on your photo. Please try again."
 
 
 @dataclass
@@ -125,9 +127,6 @@ def measure(backends: Sequence[str], callers: int, token: str, during: threading
 def relay_alone(backends: Sequence[str], callers: int, token: str) -> tuple[float, list[int]]:
     """The makespan of N jobs sent at once by the relay's own `Backends`, in this process, after a warm round;
     and how many of them each backend ran."""
-    sys.path.insert(0, str(ROOT / "public_space"))
-    from relay import Backend, Backends
-
     photo = PHOTO.read_bytes()
 
     async def run() -> tuple[float, list[int]]:
