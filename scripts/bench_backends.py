@@ -34,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -156,6 +157,12 @@ def eta_error(record: Record) -> float | None:
     return abs(shown_at + eta - record.finished) / (record.finished - shown_at)
 
 
+def errors(run: Run) -> str:
+    """How many callers got an error, and which."""
+    counts = Counter(record.error for record in run.records if record.error)
+    return f"errors: {sum(counts.values())}" + (f" {dict(counts)}" if counts else "")
+
+
 def place_and_eta(run: Run) -> str:
     done = sorted((r for r in run.records if not r.error), key=lambda r: r.finished)
     queued = done[run.backends :]  # each backend's first job started at once; everyone else waited
@@ -221,7 +228,7 @@ def main(argv: list[str]) -> None:
                 f"(N·S/k = {n * s / k:5.2f} s), ratio to one backend {run.makespan / one:.3f}, "
                 f"throughput x{one / run.makespan:.2f}; finish rate x{run.finish_rate / runs[1].finish_rate:.2f}"
             )
-            print(f"    {place_and_eta(run)}; errors: {sum(bool(r.error) for r in run.records)}")
+            print(f"    {place_and_eta(run)}; {errors(run)}")
 
         fast_alone = measure([fast], n, token).makespan
         pair = measure([same[0], fast], n, token)
@@ -231,7 +238,7 @@ def main(argv: list[str]) -> None:
             f"{on_paper:.2f} s -> {pair.makespan / on_paper:.3f}; as measured (alone: {fast_alone:.2f} s and "
             f"{one:.2f} s) {measured:.2f} s -> {pair.makespan / measured:.3f}"
         )
-        print(f"    {place_and_eta(pair)}; errors: {sum(bool(r.error) for r in pair.records)}")
+        print(f"    {place_and_eta(pair)}; {errors(pair)}")
 
         kill_at = n * s / 4  # halfway through a two-backend run
         killed = measure([same[0], doomed], n, token, threading.Timer(kill_at, doomed_process.kill))
