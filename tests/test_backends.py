@@ -133,3 +133,25 @@ def test_backend_takes_a_comma_separated_list_with_one_token():
     out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
     token = {"x-hf-authorization": "Bearer hf_x"}
     assert out.stdout.strip() == str([("me/gpu-1", token, 3.0, 40.0), ("http://10.0.0.2:7860", token, 3.0, 40.0)])
+
+
+def test_stop_cancels_only_that_visitors_job_on_the_backend_that_holds_it(private_app, public_app):
+    with (
+        backend(private_app, 1.0) as (a_url, a),
+        backend(private_app, 1.0) as (b_url, b),
+        running(front_app(public_app, pool(a_url, b_url)), public_app.serve) as front,
+    ):
+        jobs = [submit(front) for _ in range(4)]
+        wait_until(lambda: a.inside == b.inside == 1 and queued(a_url) == queued(b_url) == 1)
+        wait_until(lambda: len([job for job in jobs if "in line" in latest(job)]) == 2)
+        leaver = next(job for job in jobs if "in line" in latest(job))
+        leaver.cancel()
+        wait_until(lambda: queued(a_url) + queued(b_url) == 1, timeout=5)  # it left the queue it was in at once
+        outcomes = [outcome(job) for job in jobs if job is not leaver]
+    assert outcomes == ["Done"] * 3
+    assert jobs_run(a) + jobs_run(b) == 3  # the leaver's job never ran, on either backend
+
+
+def latest(job) -> str:
+    outputs = job.outputs()
+    return outputs[-1][2] if outputs else ""
