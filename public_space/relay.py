@@ -424,16 +424,16 @@ class Backends:
                 await asyncio.sleep(RETRY_EVERY_S)
             del photo  # a visitor waiting in line keeps no photo here, unless another backend could take it over
             backend, job = placed
-            started = False
             try:
                 async with contextlib.aclosing(backend.follow(job)) as stream:
                     async for update in stream:
-                        started = started or isinstance(update, Running)
+                        if isinstance(update, Running):
+                            spare = None  # it started: it will not be sent again
                         yield update
                 return
             except _StreamBroke:
                 backend.mark_down("its stream broke")
-                if started or spare is None:
+                if spare is None:  # it had started (it may be partly processed), or there is no other backend
                     raise RelayError(LOST) from None
             logger.warning("A job that had not started on %s goes to another backend.", backend.name)
             photo = spare
