@@ -21,10 +21,10 @@ import gradio as gr
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from guard import launch_guarded
-from relay import FAILED, Backend, Backends, Finished, Queued, RelayError, Running, Update, Waking
+from relay import FAILED, RETRY_DOWN_S, Backend, Backends, Finished, Queued, RelayError, Running, Update, Waking
 
 BACKEND = [target.strip() for target in os.getenv("BACKEND", "").split(",") if target.strip()]  # Space ids or URLs
-BACKEND_RETRY_S = float(os.getenv("BACKEND_RETRY_S", "10"))  # a backend that failed is probed again after this
+BACKEND_RETRY_S = float(os.getenv("BACKEND_RETRY_S", RETRY_DOWN_S))  # a failed backend is probed again after this
 HF_TOKEN = os.getenv("HF_TOKEN") or None
 BACKEND_WAKE_TIMEOUT = float(os.getenv("BACKEND_WAKE_TIMEOUT", "180"))
 MAX_SIDE = int(os.getenv("MAX_SIDE", "1024"))  # the backend's own limit: larger photos are downscaled here first
