@@ -24,10 +24,11 @@ from starlette.middleware import Middleware
 from files import EXAMPLE_ROUTE, Files, FilesMiddleware
 from guard import launch_guarded
 from photo_rules import PhotoError, load_photo, open_photo
-from relay import FAILED, Backend, Finished, Queued, RelayError, Running, Update, Waking
+from relay import FAILED, RETRY_DOWN_S, Backend, Backends, Finished, Queued, RelayError, Running, Update, Waking
 from visitors import FairShare, visitor_of
 
-BACKEND = os.getenv("BACKEND", "").strip()
+BACKEND = [target.strip() for target in os.getenv("BACKEND", "").split(",") if target.strip()]  # Space ids or URLs
+BACKEND_RETRY_S = float(os.getenv("BACKEND_RETRY_S", RETRY_DOWN_S))  # a failed backend is probed again after this
 HF_TOKEN = os.getenv("HF_TOKEN") or None
 BACKEND_WAKE_TIMEOUT = float(os.getenv("BACKEND_WAKE_TIMEOUT", "180"))
 MAX_SIDE = int(os.getenv("MAX_SIDE", "1024"))  # the backend's own limit: larger photos are downscaled here first
@@ -136,7 +137,9 @@ async def ticking(updates: AsyncIterator[Update]) -> AsyncIterator[Update | None
 Outputs = tuple[str | None, str | None, str]  # overlay file, result file, status line
 
 
-def check_request(backend: Backend | None, image: dict[str, Any] | None, category: str, gender: str) -> None:
+def check_request(
+    backend: Backend | Backends | None, image: dict[str, Any] | None, category: str, gender: str
+) -> None:
     """Refuse (gr.Error) a request that cannot be relayed, with the sentence that says why."""
     if backend is None:
         raise gr.Error(NOT_CONFIGURED, print_exception=False)
@@ -160,7 +163,13 @@ async def read_upload(
 
 
 def relay_endpoint(
-    backend: Backend | None, *, max_side: int, max_pixels: int, fair_share: FairShare, trusted_hops: int, files: Files
+    backend: Backend | Backends | None,
+    *,
+    max_side: int,
+    max_pixels: int,
+    fair_share: FairShare,
+    trusted_hops: int,
+    files: Files,
 ) -> Callable[..., AsyncIterator[Outputs]]:
     """The endpoint: one visitor's request, held to their fair share, relayed to the backend as its own job."""
     outputs_dir = Path(tempfile.mkdtemp(prefix="backdrop-"))
@@ -222,7 +231,7 @@ def relay_endpoint(
 
 
 def create_app(
-    backend: Backend | None,
+    backend: Backend | Backends | None,
     *,
     max_side: int = MAX_SIDE,
     max_megapixels: float = MAX_MEGAPIXELS,
@@ -313,14 +322,14 @@ def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
     )
 
 
-def backend_from_env() -> Backend | None:
-    """The configured backend, or None, logging which variable is missing (never its value)."""
+def backend_from_env() -> Backends | None:
+    """The configured backends, or None, logging which variable is missing (never its value)."""
     if not BACKEND:
         logger.error("BACKEND is not set: the page will say the service is not configured.")
         return None
     if not HF_TOKEN:
         logger.warning("HF_TOKEN is not set: requests to the backend carry no token.")
-    return Backend(BACKEND, HF_TOKEN, wake_timeout=BACKEND_WAKE_TIMEOUT)
+    return Backends.connect(BACKEND, HF_TOKEN, wake_timeout=BACKEND_WAKE_TIMEOUT, retry_after=BACKEND_RETRY_S)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,15 @@
-"""The public Space's link to the private one: Gradio's queue protocol, one backend session per visitor request.
+"""The public Space's link to the private ones: Gradio's queue protocol, one backend session per visitor request.
 
 Why not one shared `gradio_client.Client`: a Client is one session, and the backend cancels *every* job of a
 session on `/cancel` and drops all its queued jobs when its stream closes, so one visitor's Stop would kill
 another's job. A Client per request costs ~110 ms (new HTTP clients, SSL contexts, config and info fetches,
 a 50 ms polling loop). Here every request gets a fresh session hash on one shared pool of keep-alive
 connections: isolation for the price of one queue join and one event stream.
+
+Several backends (`Backends`): each job goes to the backend where it is expected to finish first, judged from what
+that backend announced to the jobs this relay sent it (their places' ETAs, its average job time) and how fast it
+has been finishing them. A backend that fails to take a job is skipped and probed in the background until it
+answers again; a job that had not started when its backend died is sent to another one.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -26,8 +32,11 @@ logger = logging.getLogger("backdrop.relay")
 
 API_NAME = "predict_api"
 WAKING_STAGES = {"SLEEPING", "STOPPED", "BUILDING", "APP_STARTING", "RUNNING_BUILDING", "RUNNING_APP_STARTING"}
-RETRY_EVERY_S = 2.0
+RETRY_EVERY_S = 2.0  # while every backend is down, a waiting visitor's tries
+RETRY_DOWN_S = 10.0  # a backend that failed is probed again after this, doubling up to RETRY_DOWN_MAX_S
+RETRY_DOWN_MAX_S = 60.0
 JOINS_AT_ONCE = 4
+GAPS_KEPT = 20  # a backend's observed interval is the mean of its last this many gaps between two completions
 
 BUSY = "The service is busy, please try again in a minute."
 UNAVAILABLE = "The image service is not reachable right now. Please try again in a few minutes."
@@ -41,6 +50,10 @@ class RelayError(Exception):
 
 class _NotReady(Exception):
     """The backend is asleep, starting or unreachable: worth another try until the wake deadline."""
+
+
+class _StreamBroke(Exception):
+    """The backend's event stream ended before the job's result: the backend stopped or the network broke."""
 
 
 @dataclass(frozen=True)
@@ -78,17 +91,50 @@ class _Endpoint:
     fn_index: int
 
 
-class Backend:
-    """One private Space (an `owner/name` id or a URL) reached with one token over a shared connection pool."""
+@dataclass
+class _Job:
+    """One job this relay sent to a backend, from the moment it was routed there until its stream ends."""
 
-    def __init__(self, target: str, token: str | None, *, wake_timeout: float = 180.0) -> None:
+    session: str
+    endpoint: _Endpoint | None = None
+    event_id: str | None = None
+    due: float | None = None  # while it waits: when the backend last said it would finish (monotonic)
+    started: float | None = None  # when the backend said it started
+
+
+class Backend:
+    """One private Space (an `owner/name` id or a URL) reached with one token over a shared connection pool.
+
+    It keeps what it needs for routing: the jobs sent to it and not yet over, its own announced average job time
+    (`service`), the observed time between two completions while busy (`interval`), and whether it is down.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        token: str | None,
+        *,
+        wake_timeout: float = 180.0,
+        retry_after: float = RETRY_DOWN_S,
+        name: str = "the backend",
+    ) -> None:
         self.target = target
         self.wake_timeout = wake_timeout
+        self.retry_after = retry_after
+        self.name = name  # for log lines, which never carry the address
+        self.jobs: dict[str, _Job] = {}
+        self.service: float | None = None
+        self._gaps: deque[float] = deque(maxlen=GAPS_KEPT)
+        self.finished = 0  # jobs it finished for this relay
+        self.down = False
+        self._failures = 0
+        self._last_completion: float | None = None
         self._headers = {"x-hf-authorization": f"Bearer {token}"} if token else {}
         self._token = token
         self._endpoint: _Endpoint | None = None
         self._http: httpx.AsyncClient | None = None
-        self._cancels: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._probing = False
         self._joining = asyncio.Semaphore(JOINS_AT_ONCE)
 
     @property
@@ -99,37 +145,106 @@ class Backend:
             self._http = httpx.AsyncClient(headers=self._headers, limits=limits, timeout=timeout)
         return self._http
 
-    async def predict(
+    def predict(
         self, photo: bytes, category: str, gender: str, *, ip_token: str | None = None
     ) -> AsyncIterator[Update]:
         """Run one job as its own backend session; closing this iterator early cancels that job, and only it."""
-        session, event_id, endpoint = uuid.uuid4().hex, None, None
-        headers = {"x-ip-token": ip_token} if ip_token else {}  # this visitor's ZeroGPU quota, this call only
-        deadline = time.monotonic() + self.wake_timeout
-        while event_id is None:
-            try:
-                endpoint = await self._resolve()
-                async with self._joining:  # a few photos at a time: a burst of visitors would pile up copies
-                    body = _join_body(endpoint.fn_index, session, photo, category, gender)
-                    event_id = await self._join(endpoint, body, headers, session)
-                    del body
-            except _NotReady as reason:
-                self._endpoint = None
-                if time.monotonic() > deadline:
-                    logger.error("The backend did not become reachable within %.0f s (%s).", self.wake_timeout, reason)
-                    raise RelayError(UNAVAILABLE) from None
-                yield Waking()
-                await asyncio.sleep(RETRY_EVERY_S)
-        del photo  # a visitor waiting in line keeps no photo in memory here
+        return Backends([self]).predict(photo, category, gender, ip_token=ip_token)
+
+    def expected_finish(self, now: float, default_service: float) -> float:
+        """Seconds from `now` until a job sent now would finish here: clear the jobs already sent, then run it.
+
+        The jobs already sent take until the last waiting one's announced finish, plus one interval for each
+        waiting job with no announcement yet; with none announced, until the running job's expected end.
+        """
+        service = self.service or default_service
+        interval = self.interval or service
+        waiting = [job for job in self.jobs.values() if job.started is None]
+        announced = [job.due for job in waiting if job.due is not None]
+        if announced:
+            unannounced = len(waiting) - len(announced)
+            return max(0.0, max(announced) - now) + (unannounced + 1) * interval
+        ends = [max(0.0, job.started + service - now) for job in self.jobs.values() if job.started is not None]
+        return min(ends, default=0.0) + len(waiting) * interval + service
+
+    async def accept(self, photo: bytes, category: str, gender: str, headers: dict[str, str]) -> _Job:
+        """Join the backend's queue with a fresh session; the job counts as sent here from the first moment."""
+        job = _Job(session=uuid.uuid4().hex)
+        self.jobs[job.session] = job  # before any await: the next routing decision already counts it
+        try:
+            job.endpoint = await self._resolve()
+            async with self._joining:  # a few photos at a time: a burst of visitors would pile up copies
+                body = _join_body(job.endpoint.fn_index, job.session, photo, category, gender)
+                job.event_id = await self._join(job.endpoint, body, headers, job.session)
+                del body
+        except BaseException:
+            del self.jobs[job.session]
+            raise
+        self.mark_up()
+        return job
+
+    async def follow(self, job: _Job) -> AsyncIterator[Update]:
+        """The job's updates; closing this early cancels the job. Raises `_StreamBroke` if the stream ends first."""
         finished = False
         try:
-            async with contextlib.aclosing(self._stream(endpoint, session, event_id)) as stream:
-                async for update in stream:
-                    finished = isinstance(update, Finished)
-                    yield update
+            async for update in self._stream(job):
+                finished = isinstance(update, Finished)
+                yield update
         finally:
-            if not finished:  # the visitor left, pressed Stop, or the stream broke
-                self._cancel_soon(endpoint, session, event_id)
+            del self.jobs[job.session]
+            if finished:
+                self._completed(time.monotonic())
+            else:  # the visitor left, pressed Stop, or the stream broke
+                self._cancel_soon(job.endpoint, job.session, job.event_id)
+
+    def _completed(self, now: float) -> None:
+        self.finished += 1
+        if self._last_completion is not None:  # busy since the last one: the gap is one job's share of its time
+            self._gaps.append(now - self._last_completion)
+        self._last_completion = now if self.jobs else None
+
+    @property
+    def interval(self) -> float | None:
+        """The mean time between two completions while busy (a mean: completions are read in bursts), or None."""
+        return sum(self._gaps) / len(self._gaps) if self._gaps else None
+
+    def mark_down(self, reason: str) -> None:
+        """Skip this backend for new jobs, and probe it in the background (backing off) until it answers."""
+        self._endpoint = None
+        if self.down:  # the probe counts its own failures; many jobs reporting one outage are one failure
+            return
+        self.down, self._failures = True, self._failures + 1
+        logger.warning(
+            "%s is down (%s); it is tried again in %.0f s.", self.name.capitalize(), reason, self._retry_s()
+        )
+        if not self._probing:
+            self._probing = True
+            self._spawn(self._probe())
+
+    def _retry_s(self) -> float:
+        return min(RETRY_DOWN_MAX_S, self.retry_after * 2 ** max(0, self._failures - 1))
+
+    def mark_up(self) -> None:
+        if self.down:
+            logger.info("%s answers again.", self.name.capitalize())
+        self.down, self._failures = False, 0
+
+    async def _probe(self) -> None:
+        try:
+            while self.down:
+                await asyncio.sleep(self._retry_s())
+                if not self.down:
+                    return
+                try:
+                    endpoint = await self._resolve()
+                    self._checked(await self.http.get(f"{endpoint.url}gradio_api/queue/status"), "status")
+                except (_NotReady, RelayError, httpx.HTTPError):
+                    self._failures += 1
+                    self._endpoint = None
+                    continue
+                self.mark_up()
+        finally:
+            self._probing = False
 
     async def _resolve(self) -> _Endpoint:
         if self._endpoint is None:
@@ -142,7 +257,7 @@ class Backend:
             config = self._checked(response, "config").json()
             indices = [dep["id"] for dep in config.get("dependencies", []) if dep.get("api_name") == API_NAME]
             if not indices:
-                logger.error("The backend has no %s endpoint.", API_NAME)
+                logger.error("%s has no %s endpoint.", self.name.capitalize(), API_NAME)
                 raise RelayError(UNAVAILABLE)
             self._endpoint = _Endpoint(url, indices[0])
         return self._endpoint
@@ -155,20 +270,34 @@ class Backend:
         stage = getattr(info.runtime, "stage", None)
         stage = str(getattr(stage, "value", stage) or "UNKNOWN")
         if stage in WAKING_STAGES:
+            if info.host:
+                self._spawn(self._wake(info.host))
             raise _NotReady(f"stage {stage}")
         if stage != "RUNNING" or not info.host:
-            logger.error("The backend Space cannot serve (stage %s).", stage)
+            logger.error("%s cannot serve (stage %s).", self.name.capitalize(), stage)
             raise RelayError(UNAVAILABLE)
         return info.host
 
+    async def _wake(self, host: str) -> None:
+        """A request to a sleeping Space wakes it; its answer does not matter."""
+        with contextlib.suppress(httpx.HTTPError):
+            await self.http.get(host, timeout=30.0)
+
     def _checked(self, response: httpx.Response, what: str) -> httpx.Response:
         if response.status_code in (401, 403):
-            logger.error("The backend refused our %s request (HTTP %d): check HF_TOKEN.", what, response.status_code)
+            logger.error(
+                "%s refused our %s request (HTTP %d): check HF_TOKEN.",
+                self.name.capitalize(),
+                what,
+                response.status_code,
+            )
             raise RelayError(UNAVAILABLE)
         if response.status_code in (404, 429) or response.status_code >= 500:
             raise _NotReady(f"HTTP {response.status_code}")
         if response.is_error:
-            logger.error("The backend answered our %s request with HTTP %d.", what, response.status_code)
+            logger.error(
+                "%s answered our %s request with HTTP %d.", self.name.capitalize(), what, response.status_code
+            )
             raise RelayError(FAILED)
         return response
 
@@ -189,41 +318,149 @@ class Backend:
             raise RelayError(str(response.json().get("detail", FAILED)))
         return self._checked(response, "queue").json()["event_id"]
 
-    async def _stream(self, endpoint: _Endpoint, session: str, event_id: str) -> AsyncIterator[Update]:
-        url = f"{endpoint.url}gradio_api/queue/data"
+    async def _stream(self, job: _Job) -> AsyncIterator[Update]:
+        url = f"{job.endpoint.url}gradio_api/queue/data"
         try:
-            async with self.http.stream("GET", url, params={"session_hash": session}) as response:
+            async with self.http.stream("GET", url, params={"session_hash": job.session}) as response:
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue
                     message = json.loads(line[5:])
-                    if message.get("event_id") not in (None, event_id):
+                    if message.get("event_id") not in (None, job.event_id):
                         continue
+                    if message.get("msg") == "unexpected_error":  # the backend is stopping, or lost our session
+                        break
+                    self._note(job, message)
                     update = _update(message)
                     if update is not None:
                         yield update
                         if isinstance(update, Finished):
                             return
         except httpx.HTTPError as error:
-            logger.warning("The backend stream broke (%s).", type(error).__name__)
+            logger.warning("The stream from %s broke (%s).", self.name, type(error).__name__)
         self._endpoint = None
-        raise RelayError(LOST)
+        raise _StreamBroke  # the pool resends a job that had not started, or says LOST
+
+    def _note(self, job: _Job, message: dict) -> None:
+        """Keep what the backend announces about this job: its expected finish, its start, its average job time."""
+        kind, now = message.get("msg"), time.monotonic()
+        if kind == "estimation" and message.get("rank_eta") is not None:
+            job.due = now + message["rank_eta"]
+        elif kind == "process_starts":
+            job.started, job.due = now, None
+            if message.get("eta"):
+                self.service = float(message["eta"])
 
     def _cancel_joined(self, post: asyncio.Future[httpx.Response], endpoint: _Endpoint, session: str) -> None:
         if not post.cancelled() and post.exception() is None and post.result().status_code == 200:
             self._cancel_soon(endpoint, session, post.result().json()["event_id"])
 
-    def _cancel_soon(self, endpoint: _Endpoint, session: str, event_id: str) -> None:
+    def _cancel_soon(self, endpoint: _Endpoint | None, session: str, event_id: str | None) -> None:
         """Cancel in a task of its own: the caller may itself be a task being cancelled."""
+        if endpoint is None or event_id is None:
+            return
         body = {"session_hash": session, "fn_index": endpoint.fn_index, "event_id": event_id}
 
         async def cancel() -> None:
             with contextlib.suppress(httpx.HTTPError):
                 await self.http.post(f"{endpoint.url}gradio_api/cancel", json=body, timeout=5.0)
 
-        task = asyncio.get_running_loop().create_task(cancel())
-        self._cancels.add(task)
-        task.add_done_callback(self._cancels.discard)
+        self._spawn(cancel())
+
+    def _spawn(self, work: object) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+class Backends:
+    """Several backends behind one `predict`: each job goes where it is expected to finish first.
+
+    Down backends are skipped while another is up; when all are down, each is tried every RETRY_EVERY_S (the
+    visitor sees Waking) until the longest wake timeout. A job whose backend's stream breaks before it started
+    goes to another backend; one that had started gets the LOST sentence (it may have been partly processed).
+    """
+
+    def __init__(self, backends: Sequence[Backend]) -> None:
+        if not backends:
+            raise ValueError("no backends")
+        self.backends = list(backends)
+        self.wake_timeout = max(backend.wake_timeout for backend in self.backends)
+
+    @classmethod
+    def connect(cls, targets: Sequence[str], token: str | None, **settings: float) -> Backends:
+        """One `Backend` per target (Space id or URL), all with the same token and settings."""
+        count = len(targets)
+        names = [f"backend {i} of {count}" if count > 1 else "the backend" for i in range(1, count + 1)]
+        return cls(
+            [Backend(target, token, name=name, **settings) for target, name in zip(targets, names, strict=True)]
+        )
+
+    def ranked(self, now: float) -> list[Backend]:
+        """The backends to try, best first: the up ones (all when none is up), by expected finish, then load."""
+        candidates = [backend for backend in self.backends if not backend.down] or self.backends
+        known = [backend.service for backend in self.backends if backend.service]
+        default = min(known, default=1.0)  # a backend with no figures yet counts as the fastest known: it gets tried
+
+        def key(indexed: tuple[int, Backend]) -> tuple[float, int, int]:
+            index, backend = indexed
+            return round(backend.expected_finish(now, default), 3), len(backend.jobs), index
+
+        return [backend for _, backend in sorted(enumerate(candidates), key=key)]
+
+    async def predict(
+        self, photo: bytes, category: str, gender: str, *, ip_token: str | None = None
+    ) -> AsyncIterator[Update]:
+        """Run one job on the best backend as its own session; closing this iterator early cancels that job only."""
+        headers = {"x-ip-token": ip_token} if ip_token else {}  # this visitor's ZeroGPU quota, this call only
+        spare = photo if len(self.backends) > 1 else None  # kept to resend a job that had not started; else freed
+        while True:
+            deadline = time.monotonic() + self.wake_timeout
+            while (placed := await self._place(photo, category, gender, headers)) is None:
+                if time.monotonic() > deadline:
+                    logger.error("No backend became reachable within %.0f s.", self.wake_timeout)
+                    raise RelayError(UNAVAILABLE)
+                yield Waking()
+                await asyncio.sleep(RETRY_EVERY_S)
+            del photo  # a visitor waiting in line keeps no photo here, unless another backend could take it over
+            backend, job = placed
+            try:
+                async with contextlib.aclosing(backend.follow(job)) as stream:
+                    async for update in stream:
+                        if isinstance(update, Running) and update.fraction:
+                            spare = None  # work on it began: it will not be sent again (before, it waits its turn)
+                        yield update
+                return
+            except _StreamBroke:
+                backend.mark_down("its stream broke")
+                if spare is None:  # it had started (it may be partly processed), or there is no other backend
+                    raise RelayError(LOST) from None
+            logger.warning("A job that had not started on %s goes to another backend.", backend.name)
+            photo = spare
+
+    async def _place(
+        self, photo: bytes, category: str, gender: str, headers: dict[str, str]
+    ) -> tuple[Backend, _Job] | None:
+        """Join the best backend that takes the job; None when all are down (worth another try later)."""
+        candidates, busy, refused = self.ranked(time.monotonic()), False, 0
+        for backend in candidates:
+            try:
+                return backend, await backend.accept(photo, category, gender, headers)
+            except _NotReady as reason:
+                backend.mark_down(str(reason))
+            except RelayError as error:
+                if str(error) == BUSY:  # its queue is full: another may have room
+                    busy = True
+                elif str(error) == UNAVAILABLE:  # it refused our token or cannot serve: skip it, probe it later
+                    backend.mark_down("it refused the request")
+                    refused += 1
+                else:  # the visitor's own input: the same on every backend
+                    raise
+        if busy:
+            raise RelayError(BUSY)
+        if refused == len(candidates):
+            raise RelayError(UNAVAILABLE)
+        return None
 
 
 def _join_body(fn_index: int, session: str, photo: bytes, category: str, gender: str) -> bytes:
@@ -254,6 +491,4 @@ def _update(message: dict) -> Update | None:
         if message.get("success") and len(data) == 4:
             return Finished(*data)
         raise RelayError(output.get("error") or FAILED)  # a gr.Error's sentence from the backend, as it is
-    if kind == "unexpected_error":
-        raise RelayError(LOST)
     return None  # heartbeat, log, process_generating, close_stream

@@ -285,6 +285,7 @@ MODES: dict[str, str] = {
     "models": "bench_models",  # full-size models on CPU, stage by stage
     "traffic": "bench_traffic",  # the private app under production traffic: GPU use, ETAs, memory of both apps
     "fairness": "bench_fairness",  # fair share between visitors, big uploads, bad requests, files on disk
+    "backends": "bench_backends",  # several backends: routing, throughput, one killed mid-run
 }
 
 

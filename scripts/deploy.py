@@ -2,8 +2,10 @@
 
     python scripts/deploy.py backend  --space OWNER/backdrop-gpu --hardware t4-small --dry-run
     python scripts/deploy.py frontend --space OWNER/backdrop --backend OWNER/backdrop-gpu --dry-run
+    python scripts/deploy.py frontend --space OWNER/backdrop --backend OWNER/gpu-1 --backend OWNER/gpu-2 --dry-run
 
-The backend (private_space/) is always a private Space; the frontend (public_space/) is public and relays to it.
+The backend (private_space/) is always a private Space; the frontend (public_space/) is public and relays to it,
+or to several backends (each visitor's job goes to the one expected to finish it first).
 Every Hub call goes through one Plan (deploy_plan.py): a real run prints each call, secrets as ***, and makes it;
 --dry-run prints the same calls in the same order and makes none, with no network at all. Your write token comes
 from HF_TOKEN or the login cache (`hf auth login`), never from the command line.
@@ -29,6 +31,7 @@ PHOTO = ROOT / "public_space" / "examples" / "astronaut.png"
 IGNORE = ["*__pycache__*", "*.pyc", ".gradio/*", "flagged/*", ".pytest_cache/*"]
 SECRET_ENV = ("HF_TOKEN", "BACKEND_TOKEN", "BACKEND_READ_TOKEN")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+URL = re.compile(r"^https?://[^\s,]+$")
 HARDWARE = [flavor.value for flavor in SpaceHardware]
 MASK = "***"
 SEGMENTATION_MODEL = "mattmdjaga/segformer_b2_clothes"
@@ -60,6 +63,13 @@ tokens (never on the command line; every secret is printed as ***):
 def _repo_id(value: str) -> str:
     if not REPO_ID.match(value):
         raise argparse.ArgumentTypeError(f"expected OWNER/NAME, got {value!r}")
+    return value
+
+
+def _backend(value: str) -> str:
+    """A private Space's id, or the URL of a self-hosted private_space/app.py."""
+    if not (REPO_ID.match(value) or URL.match(value)):
+        raise argparse.ArgumentTypeError(f"expected OWNER/NAME or an http(s) URL, got {value!r}")
     return value
 
 
@@ -128,7 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
         **kinds,
     )
     add = frontend.add_argument
-    add("--backend", required=True, type=_repo_id, metavar="OWNER/NAME", help="the private Space: variable BACKEND")
+    add(
+        "--backend",
+        required=True,
+        action="append",
+        type=_backend,
+        metavar="OWNER/NAME",
+        help="a private Space (or URL); repeat it for several: variable BACKEND, the comma-joined list",
+    )
     add("--hardware", default="cpu-basic", choices=HARDWARE, metavar="FLAVOR", help=flavors)
     add(
         "--wake-timeout",
@@ -272,12 +289,14 @@ def deploy_backend(plan: Plan, args: argparse.Namespace, write_token: str | None
 
 
 def deploy_frontend(plan: Plan, args: argparse.Namespace, write_token: str | None) -> None:
-    space, backend, folder = args.space, args.backend, ROOT / "public_space"
-    if space.lower() == backend.lower():
+    space, backends, folder = args.space, args.backend, ROOT / "public_space"
+    if space.lower() in (backend.lower() for backend in backends):
         raise Refused(f"frontend and backend are the same Space ({space}): the backend must stay private")
+    if len({backend.lower() for backend in backends}) < len(backends):
+        raise Refused(f"a backend is named twice: {', '.join(backends)}")
     source_files(folder)
-    secret = ("HF_TOKEN", _read_token(plan, backend, write_token))
-    variables = {"BACKEND": backend, "BACKEND_WAKE_TIMEOUT": str(args.wake_timeout)}
+    secret = ("HF_TOKEN", _read_token(plan, ", ".join(backends), write_token))
+    variables = {"BACKEND": ",".join(backends), "BACKEND_WAKE_TIMEOUT": str(args.wake_timeout)}
     _configure_upload_wait(plan, args, folder, private=False, variables=variables, secret=secret)
     _smoke_test(plan, args, token=False, backend=False)
 

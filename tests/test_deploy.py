@@ -274,6 +274,33 @@ def test_frontend_dry_run_prints_every_call_in_order_masked_and_sends_nothing(re
     assert_no_secret(result, WRITE, READ)
 
 
+def test_frontend_dry_run_with_several_backends_sets_the_comma_joined_list(repo: Path, hub: Hub) -> None:
+    backends = ["--backend", "me/gpu-1", "--backend", "me/gpu-2", "--backend", "https://gpu-3.example.org"]
+    result = run_deploy(
+        repo, hub, "frontend", "--space", "me/backdrop", *backends, "--dry-run", BACKEND_READ_TOKEN=READ
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert hub.requests == []
+    plan = "\n".join(steps(result.stdout))
+    value = "me/gpu-1,me/gpu-2,https://gpu-3.example.org"
+    assert f"add_space_variable(repo_id='me/backdrop', key='BACKEND', value='{value}')" in plan
+    assert step_names(result.stdout).count("add_space_variable") == 2
+    assert_no_secret(result, WRITE, READ)
+
+
+def test_frontend_refuses_a_backend_named_twice_or_itself_among_several(repo: Path, hub: Hub) -> None:
+    twice = run_deploy(repo, hub, "frontend", "--space", "me/backdrop", "--backend", SPACE, "--backend", SPACE)
+    itself = run_deploy(
+        repo, hub, "frontend", "--space", "me/backdrop", "--backend", SPACE, "--backend", "me/backdrop"
+    )
+
+    assert (twice.returncode, itself.returncode) == (2, 2)
+    assert "named twice" in twice.stderr
+    assert "same Space" in itself.stderr
+    assert hub.requests == []
+
+
 # --- refusals: exit 2, nothing sent -------------------------------------------------------------------------------
 
 

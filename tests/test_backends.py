@@ -1,0 +1,157 @@
+"""Several backends behind one public app: routing by expected finish, skipping a down backend, losing none.
+
+Real private apps (stand-in pipelines) on loopback behind the real public app, called with the real gradio_client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, free_port, front_app, running, visitor, wait_until
+from gradio_client import handle_file
+from gradio_client.exceptions import AppError
+from standin import StandInPipeline
+
+from relay import LOST, Backend, Backends
+
+API = "/predict_api"
+
+
+def submit(front: str):
+    return visitor(front).submit(handle_file(str(EXAMPLE_PHOTO)), "casual", "female", api_name=API)
+
+
+def outcome(job) -> str:
+    """'Done' or the sentence the visitor got."""
+    try:
+        return "Done" if job.result(timeout=60)[2].startswith("Done") else "other"
+    except AppError as error:
+        return str(error)
+
+
+def jobs_run(standin: StandInPipeline, warmed: bool = True) -> int:
+    return len(standin.intervals) - (1 if warmed else 0)
+
+
+def queued(back: str) -> int:
+    headers = {"x-hf-authorization": f"Bearer {TOKEN}"}
+    return int(httpx.get(f"{back}gradio_api/queue/status", headers=headers).json()["queue_size"])
+
+
+@contextlib.contextmanager
+def backend(private_app, service_time: float, port: int | None = None) -> Iterator[tuple[str, StandInPipeline]]:
+    """A warmed-up private app with a stand-in of this service time (the backend then announces its job time)."""
+    standin = StandInPipeline(service_time=service_time)
+    demo = private_app.create_app(standin)
+    serve = private_app.serve
+    if port is None:
+        with running(demo, serve, token=TOKEN, warm_up=True) as url:
+            wait_until(lambda: standin.intervals)
+            yield url, standin
+        return
+    serve(demo, token=TOKEN, warm_up=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        wait_until(lambda: standin.intervals)
+        yield f"http://127.0.0.1:{port}/", standin
+    finally:
+        demo.close()
+
+
+def pool(*urls: str, retry_after: float = 10.0) -> Backends:
+    return Backends([Backend(url, TOKEN, wake_timeout=10, retry_after=retry_after) for url in urls])
+
+
+def test_two_backends_share_the_work_and_the_slower_one_gets_fewer_jobs(private_app, public_app):
+    with (
+        backend(private_app, 0.2) as (fast_url, fast),
+        backend(private_app, 0.6) as (slow_url, slow),
+        running(front_app(public_app, pool(slow_url, fast_url)), public_app.serve) as front,
+    ):
+        jobs = [submit(front) for _ in range(10)]
+        outcomes = [outcome(job) for job in jobs]
+        statuses = [[output[2] for output in job.outputs()] for job in jobs]
+    assert outcomes == ["Done"] * 10
+    assert jobs_run(fast) + jobs_run(slow) == 10
+    assert jobs_run(slow) >= 1, "the slower backend was left idle"
+    assert jobs_run(fast) > jobs_run(slow), (jobs_run(fast), jobs_run(slow))
+    waited = [lines for lines in statuses if any(" in line" in line for line in lines)]
+    assert waited, statuses  # visitors still see their place, in the queue of the backend they were sent to
+    assert fast.max_inside == slow.max_inside == 1
+
+
+def test_a_down_backend_is_skipped_unnoticed_and_used_again_once_it_answers(private_app, public_app):
+    dead_port = free_port()
+    backends = pool(f"http://127.0.0.1:{dead_port}/", "", retry_after=0.2)
+    with backend(private_app, 0.1) as (live_url, live):
+        backends.backends[1].target = live_url
+        with running(front_app(public_app, backends), public_app.serve) as front:
+            first = submit(front)
+            assert outcome(first) == "Done"  # the first choice (nothing listening) was skipped
+            assert not any("Waking" in output[2] for output in first.outputs())
+            assert backends.backends[0].down
+            assert jobs_run(live) == 1
+            with backend(private_app, 0.1, port=dead_port) as (_, revived):
+                wait_until(lambda: not backends.backends[0].down, timeout=30)  # probed in the background
+                assert outcome(submit(front)) == "Done"
+                assert jobs_run(revived) == 1  # idle and first in the list: it took the job
+    assert jobs_run(live) == 1
+
+
+def test_a_backend_closed_mid_run_loses_only_the_job_it_was_running(private_app, public_app):
+    with backend(private_app, 1.5) as (other_url, other):
+        port = free_port()
+        dying_standin = StandInPipeline(service_time=1.5)
+        dying = private_app.create_app(dying_standin)
+        private_app.serve(dying, token=TOKEN, warm_up=True, server_name="127.0.0.1", server_port=port, quiet=True)
+        dying_url = f"http://127.0.0.1:{port}/"
+        try:
+            wait_until(lambda: dying_standin.intervals)
+            with running(front_app(public_app, pool(dying_url, other_url)), public_app.serve) as front:
+                jobs = [submit(front) for _ in range(6)]  # per backend: one on the GPU, one next to it, one queued
+                wait_until(lambda: dying_standin.inside == 1 and queued(dying_url) >= 1)
+                dying.close()
+                outcomes = [outcome(job) for job in jobs]
+        finally:
+            dying.close()
+    assert sorted(outcomes) == sorted(["Done"] * 5 + [LOST]), outcomes
+    assert jobs_run(other) == 5  # its own share and the two that had not started on the closed backend
+
+
+def test_backend_takes_a_comma_separated_list_with_one_token():
+    code = (
+        "import sys; sys.path.insert(0, 'public_space'); import app; pool = app.backend_from_env(); "
+        "print([(b.target, b._headers, b.retry_after, b.wake_timeout) for b in pool.backends])"
+    )
+    env = {**os.environ, "BACKEND": " me/gpu-1, http://10.0.0.2:7860 ,", "HF_TOKEN": "hf_x", "BACKEND_RETRY_S": "3"}
+    env["BACKEND_WAKE_TIMEOUT"] = "40"
+    command = [sys.executable, "-c", code]
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
+    token = {"x-hf-authorization": "Bearer hf_x"}
+    assert out.stdout.strip() == str([("me/gpu-1", token, 3.0, 40.0), ("http://10.0.0.2:7860", token, 3.0, 40.0)])
+
+
+def test_stop_cancels_only_that_visitors_job_on_the_backend_that_holds_it(private_app, public_app):
+    with (
+        backend(private_app, 1.0) as (a_url, a),
+        backend(private_app, 1.0) as (b_url, b),
+        running(front_app(public_app, pool(a_url, b_url)), public_app.serve) as front,
+    ):
+        jobs = [submit(front) for _ in range(6)]  # per backend: one on the GPU, one next to it, one queued
+        wait_until(lambda: a.inside == b.inside == 1 and queued(a_url) == queued(b_url) == 1)
+        wait_until(lambda: len([job for job in jobs if "in line" in latest(job)]) == 2)
+        leaver = next(job for job in jobs if "in line" in latest(job))
+        leaver.cancel()
+        wait_until(lambda: queued(a_url) + queued(b_url) == 1, timeout=5)  # it left the queue it was in at once
+        outcomes = [outcome(job) for job in jobs if job is not leaver]
+    assert outcomes == ["Done"] * 5
+    assert jobs_run(a) + jobs_run(b) == 5  # the leaver's job never ran, on either backend
+
+
+def latest(job) -> str:
+    outputs = job.outputs()
+    return outputs[-1][2] if outputs else ""
