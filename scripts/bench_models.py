@@ -6,7 +6,7 @@ DIR holds what `scripts/make_full_size_models.py --out DIR` writes (built there 
 sd-turbo at their real sizes, random weights, plus taesd's AutoencoderTiny. Prints, from one run:
 - in this process, with the real `backdrop.Backdrop` (float32 on CPU) and timers around each model call:
   segmentation, text encoding, each UNet step, the decode (full VAE, then AutoencoderTiny via `vae_model`), the
-  rest of the pipeline, the app's compositing (overlay + composite) and the PNG encoding of its three pictures;
+  rest of the pipeline, the app's compositing (overlay + composite) and the WebP encoding of its three pictures;
   the last of `--runs` renders counts (the first warms the CPU kernels up);
 - the private app itself (`private_space/app.py` on these folders, unchanged; with the full VAE, then with
   `VAE_MODEL` set to the tiny one): its warm-up, one `predict_api` call with the 1024x768 JPEG, its peak RSS.
@@ -73,7 +73,7 @@ def time_stages(models: Path, runs: int, vae_model: str | None) -> tuple[dict[st
     sys.path[:0] = [str(ROOT / "private_space")]
     import app
     from backdrop import Backdrop
-    from imaging import composite, decode_photo, encode_png, overlay
+    from imaging import composite, decode_photo, encode_photo, overlay
 
     started = time.perf_counter()
     model = Backdrop(str(models / "segmentation"), str(models / "background"), vae_model=vae_model)
@@ -99,8 +99,8 @@ def time_stages(models: Path, runs: int, vae_model: str | None) -> tuple[dict[st
         timer.times["compositing (overlay + composite)"].append(time.perf_counter() - started)
         started = time.perf_counter()
         for picture in [*pictures, photo.image]:
-            encode_png(picture)
-        timer.times["PNG encoding, 3 pictures in series"].append(time.perf_counter() - started)
+            encode_photo(picture)
+        timer.times["WebP encoding, 3 pictures in series"].append(time.perf_counter() - started)
     stages = {stage: sum(times) for stage, times in timer.times.items()}
     in_model = sum(stages[s] for s in ("segmentation", "text encoding", "UNet step", "decode"))
     stages["rest of the pipeline (scheduler, tensor -> image)"] = render_s - in_model

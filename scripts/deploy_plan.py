@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import sys
 import time
@@ -147,18 +148,22 @@ def print_logs(api: SpaceApi, plan: Plan, space: str, *, build: bool) -> None:
         plan.say(line.rstrip("\n"), err=True)
 
 
-def png_problem(value: Any) -> str | None:
-    """What is wrong with `value` as a base64 PNG (a data URL is fine), or None."""
+PHOTO_FORMATS = ("JPEG", "MPO", "PNG", "WEBP")  # the photo comes back as it was sent, when it needed no change
+
+
+def b64_image_problem(value: Any, formats: tuple[str, ...] = ("WEBP",)) -> str | None:
+    """What is wrong with `value` as a base64 image in one of `formats` (a data URL is fine), or None."""
     from PIL import Image
 
+    wanted = " or ".join(formats)
     if not isinstance(value, str) or not value:
         return f"expected base64 text, got {type(value).__name__}"
     try:
         data = base64.b64decode(value.split(",", 1)[-1] if value.startswith("data:") else value, validate=True)
         with Image.open(io.BytesIO(data)) as image:
-            return None if image.format == "PNG" else f"a {image.format} image, not a PNG"
+            return None if image.format in formats else f"a {image.format} image, not {wanted}"
     except (binascii.Error, ValueError, OSError) as error:
-        return f"does not decode to a PNG ({type(error).__name__})"
+        return f"does not decode to an image ({type(error).__name__})"
 
 
 def image_file_problem(value: Any) -> str | None:
@@ -191,7 +196,8 @@ def smoke_test(space: str, *, token: str | bool, photo: Path, backend: bool, tim
     from gradio_client import Client, handle_file
 
     image = base64.b64encode(photo.read_bytes()).decode() if backend else handle_file(str(photo))
-    checks = [png_problem] * 3 if backend else [image_file_problem] * 2
+    photo_check = functools.partial(b64_image_problem, formats=PHOTO_FORMATS)
+    checks = [photo_check, b64_image_problem, b64_image_problem] if backend else [image_file_problem] * 2
     try:
         client = Client(space, token=token, verbose=False, httpx_kwargs={"timeout": 60})  # type: ignore[arg-type]
         outputs = client.submit(image, "casual", "male", api_name="/predict_api").result(timeout=timeout)

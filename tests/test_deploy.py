@@ -9,6 +9,7 @@ request, so "nothing was sent" is checked, not assumed.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -509,15 +510,16 @@ def png_b64(fmt: str = "PNG") -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-def test_backend_outputs_must_be_three_base64_pngs_and_a_status() -> None:
-    checks = [deploy_plan.png_problem] * 3
-    good = png_b64()
-    assert deploy_plan.check_outputs((good, f"data:image/png;base64,{good}", good, "Done in 1.2 s"), checks) == []
-    assert deploy_plan.check_outputs((good, good, "Done"), checks) == ["expected 4 outputs, got tuple 3"]
-    problems = deploy_plan.check_outputs((good, "not base64!", png_b64("JPEG"), ""), checks)
+def test_backend_outputs_must_be_the_photo_two_base64_webps_and_a_status() -> None:
+    photo = functools.partial(deploy_plan.b64_image_problem, formats=deploy_plan.PHOTO_FORMATS)
+    checks = [photo, deploy_plan.b64_image_problem, deploy_plan.b64_image_problem]
+    webp, jpeg = png_b64("WEBP"), png_b64("JPEG")
+    assert deploy_plan.check_outputs((jpeg, f"data:image/webp;base64,{webp}", webp, "Done in 1.2 s"), checks) == []
+    assert deploy_plan.check_outputs((webp, webp, "Done"), checks) == ["expected 4 outputs, got tuple 3"]
+    problems = deploy_plan.check_outputs((webp, "not base64!", png_b64("PNG"), ""), checks)
     assert problems == [
-        "output 1: does not decode to a PNG (Error)",
-        "output 2: a JPEG image, not a PNG",
+        "output 1: does not decode to an image (Error)",
+        "output 2: a PNG image, not WEBP",
         "status: expected a sentence",
     ]
 
