@@ -29,6 +29,7 @@ MAX_UPLOAD_MB = float(os.getenv("MAX_UPLOAD_MB", "10"))
 MAX_MEGAPIXELS = float(os.getenv("MAX_MEGAPIXELS", "40"))
 BACKEND_TOKEN = os.getenv("BACKEND_TOKEN") or None
 API_NAME = "predict_api"
+FAILED = "Something went wrong while processing the photo. Please try again."
 # Every relayed request is a session of its own that never comes back, and Gradio keeps each session's last
 # inputs and outputs (a photo and two pictures) until it has this many newer ones. Nothing here reads them.
 KEPT_SESSIONS = 1
@@ -98,22 +99,21 @@ def create_app(
         progress = gr.Progress()
         try:
             photo = await asyncio.to_thread(decode, image_b64)
-        except PhotoError as error:
-            raise gr.Error(str(error), print_exception=False) from None
-        image = photo.image
-        prompt, seed = background_prompt(category, gender), seed_for(image, category, gender)
-        decoded = time.perf_counter()
-        try:
+            image = photo.image
+            prompt, seed = background_prompt(category, gender), seed_for(image, category, gender)
+            decoded = time.perf_counter()
             class_map, background = await gate.run(
                 lambda: pipeline.render(image, prompt, seed, progress),
                 waiting=lambda: progress(0.0, desc="Waiting for the GPU"),
             )
-        except Exception as error:
-            logger.error("The pipeline failed with %s.", type(error).__name__)  # no traceback: it names paths
-            raise gr.Error("Something went wrong while processing the photo. Please try again.") from None
-        rendered = time.perf_counter()
-        progress(0.95, desc="Compositing")
-        pictures = await asyncio.to_thread(finish, photo, class_map, background)
+            rendered = time.perf_counter()
+            progress(0.95, desc="Compositing")
+            pictures = await asyncio.to_thread(finish, photo, class_map, background)
+        except PhotoError as error:
+            raise gr.Error(str(error), print_exception=False) from None
+        except Exception as error:  # one line, no traceback: it could name paths or the model
+            logger.error("A job failed with %s.", type(error).__name__)
+            raise gr.Error(FAILED, print_exception=False) from None
         finished = time.perf_counter()
         gate.record(decode=decoded - started, finish=finished - rendered)
         gate.install(demo._queue, endpoint)  # from the first finished job on, ETAs follow the GPU (see gpu_gate)

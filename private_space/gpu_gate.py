@@ -54,17 +54,19 @@ class GpuGate:
             raise
         started = self._ahead[key] = time.monotonic()
 
-        def leave(_: Future[T]) -> None:  # in the worker thread, once `work` is really over
+        def leave(done: Future[T]) -> None:  # in the worker thread, once `work` is really over
+            ran = not done.cancelled() and done.exception() is None  # only real runs time the GPU
             with contextlib.suppress(RuntimeError):  # the server is shutting down
-                loop.call_soon_threadsafe(self._release, key, time.monotonic() - started)
+                loop.call_soon_threadsafe(self._release, key, time.monotonic() - started if ran else None)
 
         future = self._workers.submit(contextvars.copy_context().run, work)  # gr.Progress finds its job there
         future.add_done_callback(leave)
         return await asyncio.wrap_future(future)
 
-    def _release(self, key: object, seconds: float) -> None:
+    def _release(self, key: object, seconds: float | None) -> None:
         del self._ahead[key]
-        self._times["gpu"].append(seconds)
+        if seconds is not None:
+            self._times["gpu"].append(seconds)
         self._guard.release()
 
     def record(self, *, decode: float, finish: float) -> None:

@@ -125,6 +125,24 @@ def test_bad_photo_gets_a_sentence_and_the_server_keeps_serving(backend, photo_b
     assert client.predict(photo_b64, "casual", "male", api_name=API)[3].startswith("Done")
 
 
+class BrokenPipeline(StandInPipeline):
+    def render(self, photo, prompt, seed, progress=None):
+        raise RuntimeError("CUDA out of memory in /secret/models/unet")
+
+
+def test_a_failing_pipeline_gives_a_sentence_one_log_line_and_no_traceback(private_app, photo_b64, capfd, caplog):
+    with running(private_app.create_app(BrokenPipeline()), private_app.serve, warm_up=False) as url:
+        with pytest.raises(AppError, match="Something went wrong while processing the photo") as raised:
+            client_for(url).predict(photo_b64, "casual", "male", api_name=API)
+        with pytest.raises(AppError):  # and again: the server keeps serving
+            client_for(url).predict(photo_b64, "casual", "male", api_name=API)
+    output = capfd.readouterr()
+    logged = caplog.text + output.out + output.err
+    assert "Traceback" not in logged
+    assert "/secret/models" not in logged + str(raised.value)
+    assert "A job failed with RuntimeError." in caplog.text
+
+
 def test_oversized_photo_is_refused_by_size(private_app, standin, photo_b64):
     demo = private_app.create_app(standin, max_upload_mb=0.1)
     with (
