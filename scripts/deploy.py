@@ -271,6 +271,9 @@ def deploy_backend(plan: Plan, args: argparse.Namespace, write_token: str | None
     private = plan.step("space_info", lambda api: _is_private(api, space), note, repo_id=space)
     if private is False:
         raise Refused(f"{space} exists and is not private (public or protected): the GPU backend must be private")
+    zero_gpu = args.hardware.startswith("zero")
+    if args.gpu_concurrency is not None and args.gpu_concurrency < 1:
+        raise Refused("--gpu-concurrency must be 1 or more")
     variables = {
         "SEGMENTATION_MODEL": args.segmentation_model,
         "BACKGROUND_MODEL": args.background_model,
@@ -278,7 +281,7 @@ def deploy_backend(plan: Plan, args: argparse.Namespace, write_token: str | None
         "QUEUE_MAX_SIZE": str(args.queue_max_size),
         "GPU_DURATION_S": str(args.gpu_duration),
         "GPU_CONCURRENCY": str(
-            args.gpu_concurrency or (ZERO_GPU_CONCURRENCY if args.hardware.startswith("zero") else 1)
+            args.gpu_concurrency if args.gpu_concurrency is not None else ZERO_GPU_CONCURRENCY if zero_gpu else 1
         ),
     }
     vae_model = CPU_VAE_MODEL if args.vae_model is None and args.hardware.startswith("cpu") else args.vae_model

@@ -280,7 +280,7 @@ def test_queued_callers_get_their_place_and_an_eta_that_follows_the_gpu(private_
 
 
 def test_a_cancelled_running_job_never_runs_beside_the_next(private_app, photo_b64):
-    """Gradio frees the slot of a cancelled job while its thread runs on; the pipeline lock holds the next."""
+    """Gradio frees the slot of a cancelled job while its thread runs on; the GPU gate holds the next."""
     standin = StandInPipeline(service_time=1.0)
     with running(private_app.create_app(standin), private_app.serve, warm_up=False) as url:
         first = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
