@@ -28,10 +28,9 @@ from diffusers import (
     AutoencoderKL,
     AutoencoderTiny,
     EulerDiscreteScheduler,
-    StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from make_tiny_models import LABELS, SEED, folder_size, save_image_processor
+from make_tiny_models import LABELS, SEED, folder_size, save_image_processor, save_pipeline
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -136,17 +135,7 @@ def build_background(out: Path) -> None:
         timestep_spacing="trailing",
         steps_offset=1,
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.save_pretrained(out)
+    save_pipeline(out, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
 
 
 def build_vae_tiny(out: Path) -> None:

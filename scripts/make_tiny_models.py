@@ -21,6 +21,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -188,15 +189,14 @@ def build_background(out: Path) -> None:
         timestep_spacing="trailing",
         steps_offset=1,
     )
+    save_pipeline(out, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+
+def save_pipeline(out: Path, **components: Any) -> None:
+    """Save a text-to-image pipeline of these components as AutoPipelineForText2Image loads it (no safety checker)."""
+    components["text_encoder"].eval()
     pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
     pipe.save_pretrained(out)
 
