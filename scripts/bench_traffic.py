@@ -6,7 +6,9 @@
    S seconds, N simultaneous callers each in a session of its own (the relay's own code calls it, as in
    production), each sending a 1024×768 JPEG. Prints makespan / (N·S), the median error of the first ETA each
    caller got, the response size, and the CPU time per job outside the GPU section, stage by stage.
-2. Memory: both apps (the public one in front of the private one), `--requests` requests through the front, each
+2. ETAs at small waits: through the public app, S = 0.5 s, N = 1, 8 and 24 callers: the median error of the
+   first wait each caller's status line showed ("about 0.6 s"), against when its result came.
+3. Memory: both apps (the public one in front of the private one), `--requests` requests through the front, each
    from a new session and visitor address, the two pictures fetched as a browser would. Prints each app's RSS at
    request 100 and at the end.
 """
@@ -25,7 +27,7 @@ import uuid
 
 import httpx
 import psutil
-from bench import BACKEND_CORES, PHOTO, ROOT, start_stack
+from bench import BACKEND_CORES, PHOTO, ROOT, SSL, Caller, eta_error, run_callers, start_stack
 from PIL import Image, ImageOps
 
 sys.path[:0] = [str(ROOT / "public_space"), str(ROOT / "private_space")]
@@ -73,6 +75,37 @@ async def gpu_use(url: str, token: str, callers: int, service_time: float, photo
     median = 100 * statistics.median(errors)
     print(f"median |first ETA - actual finish| / actual wait: {median:.1f} %  (n={len(errors)} of {callers})")
     print(f"response size (three pictures, base64): {results[0][2] / 1000:.0f} kB")
+
+
+def small_waits(token: str, photo: bytes, service_time: float = 0.5, sizes: tuple[int, ...] = (1, 8, 24)) -> None:
+    """The first wait shown in the public status line against the actual finish, N callers at once."""
+    import tempfile
+
+    from gradio_client import Client, handle_file
+
+    with tempfile.NamedTemporaryFile(suffix=".jpg") as file:
+        file.write(photo)
+        file.flush()
+
+        def call(client: Client) -> Caller:
+            record = Caller(submitted=time.monotonic())
+            for output in client.submit(handle_file(file.name), "casual", "male", api_name="/predict_api"):
+                record.statuses.append((time.monotonic(), output[2]))
+            record.finished = time.monotonic()
+            return record
+
+        _, front, processes = start_stack(service_time, token)
+        try:
+            for callers in sizes:
+                clients = [Client(front, token=False, verbose=False, ssl_verify=SSL) for _ in range(callers)]
+                call(clients[0])  # warm: the backend's stage times come from real requests
+                records, _ = run_callers(clients, call)
+                errors = [eta_error(r) for r in records if any("about" in text for _, text in r.statuses)]
+                median = 100 * statistics.median(errors)
+                print(f"S = {service_time} s, N = {callers}: median first-ETA error {median:.1f} % (n={len(errors)})")
+        finally:
+            for process in processes:
+                process.kill()
 
 
 def cpu_stages(photo: bytes, repeats: int = 20) -> None:
@@ -161,6 +194,7 @@ def main(argv: list[str]) -> None:
     finally:
         for process in processes:
             process.kill()
+    small_waits(token, photo)
     back, front, processes = start_stack(0.0, token)
     try:
         named = {"private app": psutil.Process(processes[0].pid), "public app": psutil.Process(processes[1].pid)}
