@@ -135,6 +135,9 @@ class Backend:
         self._http: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._probing = False
+        self._lookup: asyncio.Task[_Endpoint] | None = None  # the endpoint lookup under way, or the last one
+        self._lookup_again_at = 0.0  # a failed lookup's answer stands until then (monotonic)
+        self._waking: asyncio.Task[None] | None = None
         self._joining = asyncio.Semaphore(JOINS_AT_ONCE)
 
     @property
@@ -247,19 +250,33 @@ class Backend:
             self._probing = False
 
     async def _resolve(self) -> _Endpoint:
-        if self._endpoint is None:
-            url = self.target if self.target.startswith(("http://", "https://")) else await self._space_url()
-            url = url.rstrip("/") + "/"
-            try:
-                response = await self.http.get(f"{url}config")
-            except httpx.HTTPError as error:
-                raise _NotReady(type(error).__name__) from None
-            config = self._checked(response, "config").json()
-            indices = [dep["id"] for dep in config.get("dependencies", []) if dep.get("api_name") == API_NAME]
-            if not indices:
-                logger.error("%s has no %s endpoint.", self.name.capitalize(), API_NAME)
-                raise RelayError(UNAVAILABLE)
-            self._endpoint = _Endpoint(url, indices[0])
+        """The backend's endpoint, looked up once for all callers: concurrent ones share the lookup under way, and
+        a failed lookup's answer stands for RETRY_EVERY_S, so many waiting visitors make one Hub call, not one each.
+        """
+        if self._endpoint is not None:
+            return self._endpoint
+        if self._lookup is None or (self._lookup.done() and time.monotonic() >= self._lookup_again_at):
+            self._lookup = asyncio.get_running_loop().create_task(self._look_up())
+            self._lookup.add_done_callback(self._looked_up)
+        return await asyncio.shield(self._lookup)  # a caller that leaves does not cancel the others' lookup
+
+    def _looked_up(self, lookup: asyncio.Task[_Endpoint]) -> None:
+        failed = lookup.cancelled() or lookup.exception() is not None  # retrieved here: no "never retrieved" noise
+        self._lookup_again_at = time.monotonic() + (RETRY_EVERY_S if failed else 0.0)
+
+    async def _look_up(self) -> _Endpoint:
+        url = self.target if self.target.startswith(("http://", "https://")) else await self._space_url()
+        url = url.rstrip("/") + "/"
+        try:
+            response = await self.http.get(f"{url}config")
+        except httpx.HTTPError as error:
+            raise _NotReady(type(error).__name__) from None
+        config = self._checked(response, "config").json()
+        indices = [dep["id"] for dep in config.get("dependencies", []) if dep.get("api_name") == API_NAME]
+        if not indices:
+            logger.error("%s has no %s endpoint.", self.name.capitalize(), API_NAME)
+            raise RelayError(UNAVAILABLE)
+        self._endpoint = _Endpoint(url, indices[0])
         return self._endpoint
 
     async def _space_url(self) -> str:
@@ -270,8 +287,8 @@ class Backend:
         stage = getattr(info.runtime, "stage", None)
         stage = str(getattr(stage, "value", stage) or "UNKNOWN")
         if stage in WAKING_STAGES:
-            if info.host:
-                self._spawn(self._wake(info.host))
+            if info.host and (self._waking is None or self._waking.done()):  # one wake request at a time
+                self._waking = self._spawn(self._wake(info.host))
             raise _NotReady(f"stage {stage}")
         if stage != "RUNNING" or not info.host:
             logger.error("%s cannot serve (stage %s).", self.name.capitalize(), stage)
@@ -367,10 +384,11 @@ class Backend:
 
         self._spawn(cancel())
 
-    def _spawn(self, work: object) -> None:
+    def _spawn(self, work: object) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
 
 class Backends:
