@@ -48,6 +48,17 @@ class RelayError(Exception):
     """A failure, worded for the visitor."""
 
 
+class _Fault(RelayError):
+    """The backend cannot take jobs: it refused our token, lacks the endpoint, or answered an unexpected error.
+
+    Worded for the visitor, who sees it only when no backend takes the job.
+    """
+
+    def __init__(self, sentence: str, reason: str) -> None:
+        super().__init__(sentence)
+        self.reason = reason  # for the log line, without the address
+
+
 class _NotReady(Exception):
     """The backend is asleep, starting or unreachable: worth another try until the wake deadline."""
 
@@ -275,7 +286,7 @@ class Backend:
         indices = [dep["id"] for dep in config.get("dependencies", []) if dep.get("api_name") == API_NAME]
         if not indices:
             logger.error("%s has no %s endpoint.", self.name.capitalize(), API_NAME)
-            raise RelayError(UNAVAILABLE)
+            raise _Fault(UNAVAILABLE, f"no {API_NAME} endpoint")
         self._endpoint = _Endpoint(url, indices[0])
         return self._endpoint
 
@@ -292,7 +303,7 @@ class Backend:
             raise _NotReady(f"stage {stage}")
         if stage != "RUNNING" or not info.host:
             logger.error("%s cannot serve (stage %s).", self.name.capitalize(), stage)
-            raise RelayError(UNAVAILABLE)
+            raise _Fault(UNAVAILABLE, f"stage {stage}")
         return info.host
 
     async def _wake(self, host: str) -> None:
@@ -308,14 +319,14 @@ class Backend:
                 what,
                 response.status_code,
             )
-            raise RelayError(UNAVAILABLE)
+            raise _Fault(UNAVAILABLE, f"HTTP {response.status_code}")
         if response.status_code in (404, 429) or response.status_code >= 500:
             raise _NotReady(f"HTTP {response.status_code}")
         if response.is_error:
             logger.error(
                 "%s answered our %s request with HTTP %d.", self.name.capitalize(), what, response.status_code
             )
-            raise RelayError(FAILED)
+            raise _Fault(FAILED, f"HTTP {response.status_code}")
         return response
 
     async def _join(self, endpoint: _Endpoint, body: bytes, headers: dict[str, str], session: str) -> str:
@@ -459,25 +470,29 @@ class Backends:
     async def _place(
         self, photo: bytes, category: str, gender: str, headers: dict[str, str]
     ) -> tuple[Backend, _Job] | None:
-        """Join the best backend that takes the job; None when all are down (worth another try later)."""
-        candidates, busy, refused = self.ranked(time.monotonic()), False, 0
-        for backend in candidates:
+        """Join the best backend that takes the job; None when none did but one may soon (worth another try later).
+
+        A backend that is not ready or at fault is marked down and the job goes to the next best one. The visitor
+        gets a fault's sentence only once every backend is at fault, and the backend's own refusal of the input
+        (its validator's sentence, the same on every backend) at once.
+        """
+        busy, faults = False, []
+        for backend in self.ranked(time.monotonic()):
             try:
                 return backend, await backend.accept(photo, category, gender, headers)
             except _NotReady as reason:
                 backend.mark_down(str(reason))
+            except _Fault as fault:  # skip it, probe it later
+                backend.mark_down(fault.reason)
+                faults.append(fault)
             except RelayError as error:
-                if str(error) == BUSY:  # its queue is full: another may have room
-                    busy = True
-                elif str(error) == UNAVAILABLE:  # it refused our token or cannot serve: skip it, probe it later
-                    backend.mark_down("it refused the request")
-                    refused += 1
-                else:  # the visitor's own input: the same on every backend
+                if str(error) != BUSY:  # the visitor's own input
                     raise
+                busy = True  # its queue is full: another may have room
         if busy:
             raise RelayError(BUSY)
-        if refused == len(candidates):
-            raise RelayError(UNAVAILABLE)
+        if len(faults) == len(self.backends):
+            raise RelayError(str(faults[0]))
         return None
 
 

@@ -9,7 +9,9 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, free_port, front_app, running, visitor, wait_until
@@ -17,7 +19,7 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from standin import StandInPipeline
 
-from relay import LOST, Backend, Backends
+from relay import FAILED, LOST, Backend, Backends
 
 API = "/predict_api"
 
@@ -99,6 +101,44 @@ def test_a_down_backend_is_skipped_unnoticed_and_used_again_once_it_answers(priv
                 wait_until(lambda: not backends.backends[0].down, timeout=30)  # probed in the background
                 assert outcome(submit(front)) == "Done"
                 assert jobs_run(revived) == 1  # idle and first in the list: it took the job
+    assert jobs_run(live) == 1
+
+
+@contextlib.contextmanager
+def answering(status: int) -> Iterator[tuple[str, list[str]]]:
+    """A server on loopback that answers every request with this HTTP status; yields its URL and the paths asked."""
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(status)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_backend_answering_an_unexpected_error_is_skipped_and_the_job_done_on_another(private_app, public_app):
+    with answering(405) as (odd_url, asked), backend(private_app, 0.1) as (live_url, live):
+        backends = pool(odd_url, live_url)
+        with running(front_app(public_app, backends), public_app.serve) as front:
+            assert outcome(submit(front)) == "Done"  # the first choice answered 405: the job went on to the other
+        assert asked == ["/config"]
+        assert backends.backends[0].down
+        with running(front_app(public_app, pool(odd_url)), public_app.serve) as front:
+            assert outcome(submit(front)) == FAILED  # no other backend: the visitor gets the sentence
     assert jobs_run(live) == 1
 
 
