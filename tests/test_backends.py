@@ -5,13 +5,15 @@ Real private apps (stand-in pipelines) on loopback behind the real public app, c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import httpx
 from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, free_port, front_app, running, visitor, wait_until
@@ -19,6 +21,7 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from standin import StandInPipeline
 
+import relay
 from relay import FAILED, LOST, Backend, Backends
 
 API = "/predict_api"
@@ -160,6 +163,38 @@ def test_a_backend_closed_mid_run_loses_only_the_job_it_was_running(private_app,
             dying.close()
     assert sorted(outcomes) == sorted(["Done"] * 5 + [LOST]), outcomes
     assert jobs_run(other) == 5  # its own share and the two that had not started on the closed backend
+
+
+def test_visitors_waiting_for_a_sleeping_space_share_one_hub_lookup_and_one_wake_request(monkeypatch):
+    """No real Hub in tests: its `space_info` is a stand-in that counts calls and says the Space is asleep."""
+    lookups, wakes, results = [], [], []
+
+    class Hub:
+        def space_info(self, repo_id: str, token: object) -> SimpleNamespace:
+            lookups.append(repo_id)
+            return SimpleNamespace(runtime=SimpleNamespace(stage="SLEEPING"), host="https://me-gpu.hf.space")
+
+    monkeypatch.setattr(relay, "HfApi", Hub)
+    monkeypatch.setattr(relay, "RETRY_EVERY_S", 3600.0)  # a failed lookup's answer stands for the whole test
+
+    async def scenario() -> None:
+        space, waking = Backend("me/gpu", None), asyncio.Event()
+
+        def wake(host: str) -> Coroutine[object, object, object]:
+            wakes.append(host)
+            return waking.wait()  # the wake request is under way until the end
+
+        monkeypatch.setattr(space, "_wake", wake)
+        for retry in range(3):  # 20 visitors at once, 3 times; before the last, the retry period is over
+            if retry == 2:
+                space._lookup_again_at = 0.0
+            results.extend(await asyncio.gather(*(space._resolve() for _ in range(20)), return_exceptions=True))
+        waking.set()
+
+    asyncio.run(scenario())
+    assert [type(result).__name__ for result in results] == ["_NotReady"] * 60
+    assert lookups == ["me/gpu"] * 2  # one for the first two tries (the answer stood), one after the period
+    assert wakes == ["https://me-gpu.hf.space"]  # one wake request, still under way at the second lookup
 
 
 def test_backend_takes_a_comma_separated_list_with_one_token():
