@@ -7,8 +7,8 @@ a 50 ms polling loop). Here every request gets a fresh session hash on one share
 connections: isolation for the price of one queue join and one event stream.
 
 Several backends (`Backends`): each job goes to the backend where it is expected to finish first, judged from what
-that backend announced to the jobs this relay sent it (their places' ETAs, its average job time) and how fast it
-has been finishing them. A backend that fails to take a job is skipped and probed in the background until it
+that backend announced to the jobs this relay sent it (when each should finish) and how fast it has been finishing
+them. A backend that fails to take a job is skipped and probed in the background until it
 answers again; a job that had not started when its backend died is sent to another one.
 """
 
@@ -109,15 +109,17 @@ class _Job:
     session: str
     endpoint: _Endpoint | None = None
     event_id: str | None = None
-    due: float | None = None  # while it waits: when the backend last said it would finish (monotonic)
+    due: float | None = None  # when the backend last said it would finish (monotonic): place ETA, then start ETA
     started: float | None = None  # when the backend said it started
 
 
 class Backend:
     """One private Space (an `owner/name` id or a URL) reached with one token over a shared connection pool.
 
-    It keeps what it needs for routing: the jobs sent to it and not yet over, its own announced average job time
-    (`service`), the observed time between two completions while busy (`interval`), and whether it is down.
+    It keeps what it needs for routing: the jobs sent to it and not yet over, the observed time between two
+    completions while busy (`interval`), the time it announced for its latest job to start (`service`: Gradio's
+    `process_starts` ETA, which the private app's GPU gate sets to the expected time of a job starting now, GPU
+    backlog included; it stands in for `interval` until one is seen), and whether it is down.
     """
 
     def __init__(
@@ -165,21 +167,21 @@ class Backend:
         """Run one job as its own backend session; closing this iterator early cancels that job, and only it."""
         return Backends([self]).predict(photo, category, gender, ip_token=ip_token)
 
-    def expected_finish(self, now: float, default_service: float) -> float:
-        """Seconds from `now` until a job sent now would finish here: clear the jobs already sent, then run it.
+    @property
+    def gap(self) -> float | None:
+        """The expected time between two of its completions while busy: observed if seen, else announced, or None."""
+        return self.interval or self.service
 
-        The jobs already sent take until the last waiting one's announced finish, plus one interval for each
-        waiting job with no announcement yet; with none announced, until the running job's expected end.
+    def expected_finish(self, now: float, default_gap: float) -> float:
+        """Seconds from `now` until a job sent now would finish here: one gap after the last job already sent.
+
+        Each job already sent ends when the backend last said it would (its place's ETA while it waits, the ETA
+        announced at its start once started); each one with no announcement yet adds one more gap.
         """
-        service = self.service or default_service
-        interval = self.interval or service
-        waiting = [job for job in self.jobs.values() if job.started is None]
-        announced = [job.due for job in waiting if job.due is not None]
-        if announced:
-            unannounced = len(waiting) - len(announced)
-            return max(0.0, max(announced) - now) + (unannounced + 1) * interval
-        ends = [max(0.0, job.started + service - now) for job in self.jobs.values() if job.started is not None]
-        return min(ends, default=0.0) + len(waiting) * interval + service
+        gap = self.gap or default_gap
+        dues = [job.due - now for job in self.jobs.values() if job.due is not None]
+        unannounced = len(self.jobs) - len(dues)
+        return max([0.0, *dues]) + (unannounced + 1) * gap
 
     async def accept(self, photo: bytes, category: str, gender: str, headers: dict[str, str]) -> _Job:
         """Join the backend's queue with a fresh session; the job counts as sent here from the first moment."""
@@ -370,7 +372,8 @@ class Backend:
         raise _StreamBroke  # the pool resends a job that had not started, or says LOST
 
     def _note(self, job: _Job, message: dict) -> None:
-        """Keep what the backend announces about this job: its expected finish, its start, its average job time."""
+        """Keep what the backend announces about this job: its expected finish while it waits, its start, and the
+        time it announces at the start (the GPU gate's estimate for a job starting now) as its finish from then."""
         kind, now = message.get("msg"), time.monotonic()
         if kind == "estimation" and message.get("rank_eta") is not None:
             job.due = now + message["rank_eta"]
@@ -378,6 +381,7 @@ class Backend:
             job.started, job.due = now, None
             if message.get("eta"):
                 self.service = float(message["eta"])
+                job.due = now + self.service
 
     def _cancel_joined(self, post: asyncio.Future[httpx.Response], endpoint: _Endpoint, session: str) -> None:
         if not post.cancelled() and post.exception() is None and post.result().status_code == 200:
@@ -428,7 +432,7 @@ class Backends:
     def ranked(self, now: float) -> list[Backend]:
         """The backends to try, best first: the up ones (all when none is up), by expected finish, then load."""
         candidates = [backend for backend in self.backends if not backend.down] or self.backends
-        known = [backend.service for backend in self.backends if backend.service]
+        known = [backend.gap for backend in self.backends if backend.gap]
         default = min(known, default=1.0)  # a backend with no figures yet counts as the fastest known: it gets tried
 
         def key(indexed: tuple[int, Backend]) -> tuple[float, int, int]:
