@@ -8,8 +8,8 @@ connections: isolation for the price of one queue join and one event stream.
 
 Several backends (`Backends`): each job goes to the backend where it is expected to finish first, judged from what
 that backend announced to the jobs this relay sent it (when each should finish) and how fast it has been finishing
-them. A backend that fails to take a job is skipped and probed in the background until it
-answers again; a job that had not started when its backend died is sent to another one.
+them. A backend that fails to take a job is skipped and probed in the background until it answers again; a job
+that had not started when its backend died is sent to another one.
 """
 
 from __future__ import annotations
