@@ -7,9 +7,9 @@ a 50 ms polling loop). Here every request gets a fresh session hash on one share
 connections: isolation for the price of one queue join and one event stream.
 
 Several backends (`Backends`): each job goes to the backend where it is expected to finish first, judged from what
-that backend announced to the jobs this relay sent it (their places' ETAs, its average job time) and how fast it
-has been finishing them. A backend that fails to take a job is skipped and probed in the background until it
-answers again; a job that had not started when its backend died is sent to another one.
+that backend announced to the jobs this relay sent it (when each should finish) and how fast it has been finishing
+them. A backend that fails to take a job is skipped and probed in the background until it answers again; a job
+that had not started when its backend died is sent to another one.
 """
 
 from __future__ import annotations
@@ -46,6 +46,17 @@ FAILED = "Something went wrong while processing your photo. Please try again."
 
 class RelayError(Exception):
     """A failure, worded for the visitor."""
+
+
+class _Fault(RelayError):
+    """The backend cannot take jobs: it refused our token, lacks the endpoint, or answered an unexpected error.
+
+    Worded for the visitor, who sees it only when no backend takes the job.
+    """
+
+    def __init__(self, sentence: str, reason: str) -> None:
+        super().__init__(sentence)
+        self.reason = reason  # for the log line, without the address
 
 
 class _NotReady(Exception):
@@ -98,15 +109,17 @@ class _Job:
     session: str
     endpoint: _Endpoint | None = None
     event_id: str | None = None
-    due: float | None = None  # while it waits: when the backend last said it would finish (monotonic)
+    due: float | None = None  # when the backend last said it would finish (monotonic): place ETA, then start ETA
     started: float | None = None  # when the backend said it started
 
 
 class Backend:
     """One private Space (an `owner/name` id or a URL) reached with one token over a shared connection pool.
 
-    It keeps what it needs for routing: the jobs sent to it and not yet over, its own announced average job time
-    (`service`), the observed time between two completions while busy (`interval`), and whether it is down.
+    It keeps what it needs for routing: the jobs sent to it and not yet over, the observed time between two
+    completions while busy (`interval`), the time it announced for its latest job to start (`service`: Gradio's
+    `process_starts` ETA, which the private app's GPU gate sets to the expected time of a job starting now, GPU
+    backlog included; it stands in for `interval` until one is seen), and whether it is down.
     """
 
     def __init__(
@@ -135,6 +148,9 @@ class Backend:
         self._http: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._probing = False
+        self._lookup: asyncio.Task[_Endpoint] | None = None  # the endpoint lookup under way, or the last one
+        self._lookup_again_at = 0.0  # a failed lookup's answer stands until then (monotonic)
+        self._waking: asyncio.Task[None] | None = None
         self._joining = asyncio.Semaphore(JOINS_AT_ONCE)
 
     @property
@@ -151,21 +167,21 @@ class Backend:
         """Run one job as its own backend session; closing this iterator early cancels that job, and only it."""
         return Backends([self]).predict(photo, category, gender, ip_token=ip_token)
 
-    def expected_finish(self, now: float, default_service: float) -> float:
-        """Seconds from `now` until a job sent now would finish here: clear the jobs already sent, then run it.
+    @property
+    def gap(self) -> float | None:
+        """The expected time between two of its completions while busy: observed if seen, else announced, or None."""
+        return self.interval or self.service
 
-        The jobs already sent take until the last waiting one's announced finish, plus one interval for each
-        waiting job with no announcement yet; with none announced, until the running job's expected end.
+    def expected_finish(self, now: float, default_gap: float) -> float:
+        """Seconds from `now` until a job sent now would finish here: one gap after the last job already sent.
+
+        Each job already sent ends when the backend last said it would (its place's ETA while it waits, the ETA
+        announced at its start once started); each one with no announcement yet adds one more gap.
         """
-        service = self.service or default_service
-        interval = self.interval or service
-        waiting = [job for job in self.jobs.values() if job.started is None]
-        announced = [job.due for job in waiting if job.due is not None]
-        if announced:
-            unannounced = len(waiting) - len(announced)
-            return max(0.0, max(announced) - now) + (unannounced + 1) * interval
-        ends = [max(0.0, job.started + service - now) for job in self.jobs.values() if job.started is not None]
-        return min(ends, default=0.0) + len(waiting) * interval + service
+        gap = self.gap or default_gap
+        dues = [job.due - now for job in self.jobs.values() if job.due is not None]
+        unannounced = len(self.jobs) - len(dues)
+        return max([0.0, *dues]) + (unannounced + 1) * gap
 
     async def accept(self, photo: bytes, category: str, gender: str, headers: dict[str, str]) -> _Job:
         """Join the backend's queue with a fresh session; the job counts as sent here from the first moment."""
@@ -247,19 +263,33 @@ class Backend:
             self._probing = False
 
     async def _resolve(self) -> _Endpoint:
-        if self._endpoint is None:
-            url = self.target if self.target.startswith(("http://", "https://")) else await self._space_url()
-            url = url.rstrip("/") + "/"
-            try:
-                response = await self.http.get(f"{url}config")
-            except httpx.HTTPError as error:
-                raise _NotReady(type(error).__name__) from None
-            config = self._checked(response, "config").json()
-            indices = [dep["id"] for dep in config.get("dependencies", []) if dep.get("api_name") == API_NAME]
-            if not indices:
-                logger.error("%s has no %s endpoint.", self.name.capitalize(), API_NAME)
-                raise RelayError(UNAVAILABLE)
-            self._endpoint = _Endpoint(url, indices[0])
+        """The backend's endpoint, looked up once for all callers: concurrent ones share the lookup under way, and
+        a failed lookup's answer stands for RETRY_EVERY_S, so many waiting visitors make one Hub call, not one each.
+        """
+        if self._endpoint is not None:
+            return self._endpoint
+        if self._lookup is None or (self._lookup.done() and time.monotonic() >= self._lookup_again_at):
+            self._lookup = asyncio.get_running_loop().create_task(self._look_up())
+            self._lookup.add_done_callback(self._looked_up)
+        return await asyncio.shield(self._lookup)  # a caller that leaves does not cancel the others' lookup
+
+    def _looked_up(self, lookup: asyncio.Task[_Endpoint]) -> None:
+        failed = lookup.cancelled() or lookup.exception() is not None  # retrieved here: no "never retrieved" noise
+        self._lookup_again_at = time.monotonic() + (RETRY_EVERY_S if failed else 0.0)
+
+    async def _look_up(self) -> _Endpoint:
+        url = self.target if self.target.startswith(("http://", "https://")) else await self._space_url()
+        url = url.rstrip("/") + "/"
+        try:
+            response = await self.http.get(f"{url}config")
+        except httpx.HTTPError as error:
+            raise _NotReady(type(error).__name__) from None
+        config = self._checked(response, "config").json()
+        indices = [dep["id"] for dep in config.get("dependencies", []) if dep.get("api_name") == API_NAME]
+        if not indices:
+            logger.error("%s has no %s endpoint.", self.name.capitalize(), API_NAME)
+            raise _Fault(UNAVAILABLE, f"no {API_NAME} endpoint")
+        self._endpoint = _Endpoint(url, indices[0])
         return self._endpoint
 
     async def _space_url(self) -> str:
@@ -270,12 +300,12 @@ class Backend:
         stage = getattr(info.runtime, "stage", None)
         stage = str(getattr(stage, "value", stage) or "UNKNOWN")
         if stage in WAKING_STAGES:
-            if info.host:
-                self._spawn(self._wake(info.host))
+            if info.host and (self._waking is None or self._waking.done()):  # one wake request at a time
+                self._waking = self._spawn(self._wake(info.host))
             raise _NotReady(f"stage {stage}")
         if stage != "RUNNING" or not info.host:
             logger.error("%s cannot serve (stage %s).", self.name.capitalize(), stage)
-            raise RelayError(UNAVAILABLE)
+            raise _Fault(UNAVAILABLE, f"stage {stage}")
         return info.host
 
     async def _wake(self, host: str) -> None:
@@ -291,14 +321,14 @@ class Backend:
                 what,
                 response.status_code,
             )
-            raise RelayError(UNAVAILABLE)
+            raise _Fault(UNAVAILABLE, f"HTTP {response.status_code}")
         if response.status_code in (404, 429) or response.status_code >= 500:
             raise _NotReady(f"HTTP {response.status_code}")
         if response.is_error:
             logger.error(
                 "%s answered our %s request with HTTP %d.", self.name.capitalize(), what, response.status_code
             )
-            raise RelayError(FAILED)
+            raise _Fault(FAILED, f"HTTP {response.status_code}")
         return response
 
     async def _join(self, endpoint: _Endpoint, body: bytes, headers: dict[str, str], session: str) -> str:
@@ -342,7 +372,8 @@ class Backend:
         raise _StreamBroke  # the pool resends a job that had not started, or says LOST
 
     def _note(self, job: _Job, message: dict) -> None:
-        """Keep what the backend announces about this job: its expected finish, its start, its average job time."""
+        """Keep what the backend announces about this job: its expected finish while it waits, its start, and the
+        time it announces at the start (the GPU gate's estimate for a job starting now) as its finish from then."""
         kind, now = message.get("msg"), time.monotonic()
         if kind == "estimation" and message.get("rank_eta") is not None:
             job.due = now + message["rank_eta"]
@@ -350,6 +381,7 @@ class Backend:
             job.started, job.due = now, None
             if message.get("eta"):
                 self.service = float(message["eta"])
+                job.due = now + self.service
 
     def _cancel_joined(self, post: asyncio.Future[httpx.Response], endpoint: _Endpoint, session: str) -> None:
         if not post.cancelled() and post.exception() is None and post.result().status_code == 200:
@@ -367,10 +399,11 @@ class Backend:
 
         self._spawn(cancel())
 
-    def _spawn(self, work: object) -> None:
+    def _spawn(self, work: object) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
 
 class Backends:
@@ -399,7 +432,7 @@ class Backends:
     def ranked(self, now: float) -> list[Backend]:
         """The backends to try, best first: the up ones (all when none is up), by expected finish, then load."""
         candidates = [backend for backend in self.backends if not backend.down] or self.backends
-        known = [backend.service for backend in self.backends if backend.service]
+        known = [backend.gap for backend in self.backends if backend.gap]
         default = min(known, default=1.0)  # a backend with no figures yet counts as the fastest known: it gets tried
 
         def key(indexed: tuple[int, Backend]) -> tuple[float, int, int]:
@@ -441,25 +474,29 @@ class Backends:
     async def _place(
         self, photo: bytes, category: str, gender: str, headers: dict[str, str]
     ) -> tuple[Backend, _Job] | None:
-        """Join the best backend that takes the job; None when all are down (worth another try later)."""
-        candidates, busy, refused = self.ranked(time.monotonic()), False, 0
-        for backend in candidates:
+        """Join the best backend that takes the job; None when none did but one may soon (worth another try later).
+
+        A backend that is not ready or at fault is marked down and the job goes to the next best one. The visitor
+        gets a fault's sentence only once every backend is at fault, and the backend's own refusal of the input
+        (its validator's sentence, the same on every backend) at once.
+        """
+        busy, faults = False, []
+        for backend in self.ranked(time.monotonic()):
             try:
                 return backend, await backend.accept(photo, category, gender, headers)
             except _NotReady as reason:
                 backend.mark_down(str(reason))
+            except _Fault as fault:  # skip it, probe it later
+                backend.mark_down(fault.reason)
+                faults.append(fault)
             except RelayError as error:
-                if str(error) == BUSY:  # its queue is full: another may have room
-                    busy = True
-                elif str(error) == UNAVAILABLE:  # it refused our token or cannot serve: skip it, probe it later
-                    backend.mark_down("it refused the request")
-                    refused += 1
-                else:  # the visitor's own input: the same on every backend
+                if str(error) != BUSY:  # the visitor's own input
                     raise
+                busy = True  # its queue is full: another may have room
         if busy:
             raise RelayError(BUSY)
-        if refused == len(candidates):
-            raise RelayError(UNAVAILABLE)
+        if len(faults) == len(self.backends):
+            raise RelayError(str(faults[0]))
         return None
 
 

@@ -5,11 +5,15 @@ Real private apps (stand-in pipelines) on loopback behind the real public app, c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Coroutine, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 import httpx
 from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, free_port, front_app, running, visitor, wait_until
@@ -17,7 +21,8 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from standin import StandInPipeline
 
-from relay import LOST, Backend, Backends
+import relay
+from relay import FAILED, LOST, Backend, Backends
 
 API = "/predict_api"
 
@@ -102,6 +107,44 @@ def test_a_down_backend_is_skipped_unnoticed_and_used_again_once_it_answers(priv
     assert jobs_run(live) == 1
 
 
+@contextlib.contextmanager
+def answering(status: int) -> Iterator[tuple[str, list[str]]]:
+    """A server on loopback that answers every request with this HTTP status; yields its URL and the paths asked."""
+    asked: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            self.send_response(status)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        do_POST = do_GET
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_backend_answering_an_unexpected_error_is_skipped_and_the_job_done_on_another(private_app, public_app):
+    with answering(405) as (odd_url, asked), backend(private_app, 0.1) as (live_url, live):
+        backends = pool(odd_url, live_url)
+        with running(front_app(public_app, backends), public_app.serve) as front:
+            assert outcome(submit(front)) == "Done"  # the first choice answered 405: the job went on to the other
+        assert asked == ["/config"]
+        assert backends.backends[0].down
+        with running(front_app(public_app, pool(odd_url)), public_app.serve) as front:
+            assert outcome(submit(front)) == FAILED  # no other backend: the visitor gets the sentence
+    assert jobs_run(live) == 1
+
+
 def test_a_backend_closed_mid_run_loses_only_the_job_it_was_running(private_app, public_app):
     with backend(private_app, 1.5) as (other_url, other):
         port = free_port()
@@ -120,6 +163,38 @@ def test_a_backend_closed_mid_run_loses_only_the_job_it_was_running(private_app,
             dying.close()
     assert sorted(outcomes) == sorted(["Done"] * 5 + [LOST]), outcomes
     assert jobs_run(other) == 5  # its own share and the two that had not started on the closed backend
+
+
+def test_visitors_waiting_for_a_sleeping_space_share_one_hub_lookup_and_one_wake_request(monkeypatch):
+    """No real Hub in tests: its `space_info` is a stand-in that counts calls and says the Space is asleep."""
+    lookups, wakes, results = [], [], []
+
+    class Hub:
+        def space_info(self, repo_id: str, token: object) -> SimpleNamespace:
+            lookups.append(repo_id)
+            return SimpleNamespace(runtime=SimpleNamespace(stage="SLEEPING"), host="https://me-gpu.hf.space")
+
+    monkeypatch.setattr(relay, "HfApi", Hub)
+    monkeypatch.setattr(relay, "RETRY_EVERY_S", 3600.0)  # a failed lookup's answer stands for the whole test
+
+    async def scenario() -> None:
+        space, waking = Backend("me/gpu", None), asyncio.Event()
+
+        def wake(host: str) -> Coroutine[object, object, object]:
+            wakes.append(host)
+            return waking.wait()  # the wake request is under way until the end
+
+        monkeypatch.setattr(space, "_wake", wake)
+        for retry in range(3):  # 20 visitors at once, 3 times; before the last, the retry period is over
+            if retry == 2:
+                space._lookup_again_at = 0.0
+            results.extend(await asyncio.gather(*(space._resolve() for _ in range(20)), return_exceptions=True))
+        waking.set()
+
+    asyncio.run(scenario())
+    assert [type(result).__name__ for result in results] == ["_NotReady"] * 60
+    assert lookups == ["me/gpu"] * 2  # one for the first two tries (the answer stood), one after the period
+    assert wakes == ["https://me-gpu.hf.space"]  # one wake request, still under way at the second lookup
 
 
 def test_backend_takes_a_comma_separated_list_with_one_token():
