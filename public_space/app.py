@@ -191,7 +191,7 @@ def relay_endpoint(
         if refusal := fair_share.admit(visitor):
             raise gr.Error(refusal, print_exception=False)  # the upload stays (a while) for the next try
         try:  # from here until the job is over, however it ends, the visitor holds one of their slots
-            if (upload := files.take(image["path"])) is None:
+            if (upload := files.take(image["path"], visitor)) is None:
                 raise gr.Error(UPLOAD_AGAIN, print_exception=False)
             photo = await read_upload(upload, files, decoding, max_side=max_side, max_pixels=max_pixels)
         except BaseException:
@@ -249,7 +249,9 @@ def create_app(
     would delete another's uploads.
     """
     with gr.Blocks(title="Backdrop", delete_cache=delete_cache) as demo:
-        files = Files(demo.GRADIO_CACHE, keep_files_s)
+        files = Files(
+            demo.GRADIO_CACHE, keep_files_s, trusted_hops=trusted_proxy_hops, gradio_sets=demo.temp_file_sets
+        )
         gr.Markdown("# Backdrop\nUpload a portrait, pick a style, and get a new background behind the person.")
         if backend is None:
             gr.Markdown(f"**{NOT_CONFIGURED}**", elem_id="not-configured")

@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 import httpx
 import pytest
-from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, stack, visitor, wait_until
+from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, front_app, running, stack, visitor, wait_until
 from gradio_client import Client, handle_file
 from PIL import Image, JpegImagePlugin
 
@@ -158,6 +158,52 @@ def raw_call(raw: httpx.Client, path: str) -> str:
                 output = message["output"]
                 return output.get("error") or output["data"][2]
     return ""
+
+
+def test_a_visitor_uses_up_only_their_own_uploads_of_a_shared_photo(private_app, public_app, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))  # this app's uploads alone
+    with stack(private_app, public_app) as s:
+        a, b = (
+            httpx.Client(base_url=s.front, headers={"X-Forwarded-For": ip}) for ip in ("198.51.100.1", "198.51.100.2")
+        )
+        with a, b:
+            # Both upload the example photo: Gradio keeps it once, at one path, with one claim for each of them.
+            a_upload, b_upload = (
+                raw.post(
+                    "gradio_api/upload", files={"files": (EXAMPLE_PHOTO.name, EXAMPLE_PHOTO.read_bytes())}
+                ).json()[0]
+                for raw in (a, b)
+            )
+            assert a_upload == b_upload
+            assert raw_call(b, b_upload).startswith("Done in ")
+            assert raw_call(b, b_upload) == public_app.UPLOAD_AGAIN  # B's second run cannot take A's claim ...
+            assert Path(a_upload).exists()
+            assert raw_call(a, a_upload).startswith("Done in ")  # ... so A's run still works
+            wait_until(lambda: not Path(a_upload).exists())  # and with no claim left, the photo goes
+
+
+def test_gradio_keeps_no_record_of_the_files_removed(private_app, public_app, tmp_path, monkeypatch):
+    """Gradio's own sweep keeps forever its record of a file that is gone: each removed file must leave them."""
+    from standin import StandInPipeline
+
+    from relay import Backend
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    with running(private_app.create_app(StandInPipeline()), private_app.serve, token=TOKEN) as back:
+        demo = front_app(public_app, Backend(back, TOKEN))
+        with running(demo, public_app.serve) as url:
+            records = demo.temp_file_sets
+            before = sum(map(len, records))
+            client = Client(url, token=False, verbose=False, download_files=str(tmp_path / "downloads"))
+            for turn in range(3):
+                photo = tmp_path / f"photo-{turn}.png"
+                with Image.open(EXAMPLE_PHOTO) as example:
+                    example.rotate(90 * turn).save(photo)  # a new file each time, as each visitor's photo is
+                assert client.predict(handle_file(str(photo)), "casual", "male", api_name=API)[2].startswith("Done")
+            wait_until(lambda: not list(cache.glob("*/*")))
+            assert [name for kept in records for name in kept if not Path(name).exists()] == []
+            assert sum(map(len, records)) == before
 
 
 def test_no_server_path_in_config_or_page_and_the_example_is_served(private_app, public_app):
