@@ -154,10 +154,22 @@ def check_request(
 async def read_upload(
     upload: Path, files: Files, decoding: asyncio.Semaphore, *, max_side: int, max_pixels: int
 ) -> bytes:
-    """The photo to send (photo_bytes), a few decoded at a time; the taken upload is used up either way."""
+    """The photo to send (photo_bytes), a few decoded at a time; the taken upload is used up either way.
+
+    A cancelled request (Stop, or its visitor gone) is cancelled at once, but its decoding thread cannot be: it
+    keeps its place among the few until it has really ended, so that Stop cannot start more decodes at once.
+    """
     try:
         async with decoding:
-            return await asyncio.to_thread(photo_bytes, upload, max_side, max_pixels)
+            decode = asyncio.ensure_future(asyncio.to_thread(photo_bytes, upload, max_side, max_pixels))
+            try:
+                return await asyncio.shield(decode)
+            finally:
+                while not decode.done():  # cancelled: the thread runs on; a second cancel waits for it all the same
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait({decode})
+                if not decode.cancelled():
+                    decode.exception()  # retrieved: a cancelled request's refusal is nobody's to see, nor to log
     finally:
         files.used(upload)
 

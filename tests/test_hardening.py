@@ -3,9 +3,11 @@ and no server path on any page."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import threading
 import time
 import uuid
 import zlib
@@ -75,6 +77,40 @@ def test_a_big_jpeg_is_decoded_at_a_fraction_of_its_size(public_app, tmp_path, m
         assert (sent.format, sent.size) == ("JPEG", (1024, 683))
     assert decoded
     assert decoded[0][0] <= 6000 // 2  # at 1/2 scale or smaller, never the full 24 megapixels
+
+
+def test_a_stopped_request_keeps_its_decoding_place_until_its_decode_ends(public_app, tmp_path, monkeypatch):
+    started, finish = threading.Event(), threading.Event()
+
+    def slow_decode(path: Path, max_side: int, max_pixels: int) -> bytes:
+        started.set()
+        finish.wait(10)
+        return b"photo"
+
+    monkeypatch.setattr(public_app, "photo_bytes", slow_decode)
+    upload = tmp_path / "cache" / "abc" / "photo.png"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"...")
+    files = public_app.Files(tmp_path / "cache", 60, trusted_hops=1, gradio_sets=[])
+    files.uploaded([str(upload)], "address 198.51.100.1")
+
+    async def stop_while_decoding() -> None:
+        decoding = asyncio.Semaphore(1)
+        taken = files.take(str(upload), "address 198.51.100.1")
+        reading = asyncio.ensure_future(public_app.read_upload(taken, files, decoding, max_side=64, max_pixels=10**6))
+        await asyncio.to_thread(started.wait, 10)
+        reading.cancel()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert decoding.locked()  # the thread still decodes: its place is still taken ...
+        assert not reading.done()
+        finish.set()
+        with pytest.raises(asyncio.CancelledError):  # ... and the endpoint is cancelled all the same
+            await reading
+        assert not decoding.locked()
+        assert not upload.exists()  # used up either way
+
+    asyncio.run(stop_while_decoding())
 
 
 def test_no_request_writes_a_traceback_and_a_flood_costs_a_few_lines(private_app, public_app, caplog, capfd):
