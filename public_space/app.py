@@ -84,23 +84,30 @@ def photo_bytes(path: Path, max_side: int, max_pixels: int) -> bytes:
 
     It is refused from its header as the backend would refuse it, in the backend's words (photo_rules.py). The
     backend applies EXIF orientation itself, so only a photo that must be downscaled is decoded here, and a large
-    JPEG at a fraction of its size.
+    JPEG at a fraction of its size. Any other failure is a sentence too, and one log line without the path.
     """
     try:
-        with open_photo(str(path), max_pixels=max_pixels) as photo:
+        with path.open("rb") as source, open_photo(source, max_pixels=max_pixels) as photo:
             if max(photo.size) <= max_side:
-                return path.read_bytes()
+                source.seek(0)
+                return source.read()
             image = load_photo(photo, max_side)
             ImageOps.exif_transpose(image, in_place=True)
             if image.mode != "RGB":  # transparency goes over white once small; palettes would resize poorly
                 image = image.convert("RGBA" if image.has_transparency_data else "RGB")
             image.thumbnail((max_side, max_side), Image.LANCZOS)  # in place: no full-size copy is ever made
+        flat = image if image.mode == "RGB" else Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+        buffer = io.BytesIO()
+        flat.convert("RGB").save(buffer, format="JPEG", quality=92)
+        return buffer.getvalue()
     except PhotoError as error:
         raise gr.Error(str(error), print_exception=False) from None
-    flat = image if image.mode == "RGB" else Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
-    buffer = io.BytesIO()
-    flat.convert("RGB").save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
+    except FileNotFoundError:  # removed meanwhile (Gradio's own clean-up, say)
+        logger.warning("An upload was gone before it could be read.")
+        raise gr.Error(UPLOAD_AGAIN, print_exception=False) from None
+    except Exception as error:  # no traceback, and not the message: it could name the file
+        logger.error("Reading an upload failed with %s.", type(error).__name__)
+        raise gr.Error(FAILED, print_exception=False) from None
 
 
 def picture_suffix(data: bytes) -> str:

@@ -79,6 +79,22 @@ def test_a_big_jpeg_is_decoded_at_a_fraction_of_its_size(public_app, tmp_path, m
     assert decoded[0][0] <= 6000 // 2  # at 1/2 scale or smaller, never the full 24 megapixels
 
 
+def test_a_vanished_upload_or_an_unexpected_failure_is_a_sentence_and_a_short_line(public_app, tmp_path, caplog):
+    photo = tmp_path / "secret-name.png"
+    with pytest.raises(gr.Error) as gone:
+        public_app.photo_bytes(photo, 1024, **LIMITS)
+    assert gone.value.message == public_app.UPLOAD_AGAIN
+    photo.write_bytes(EXAMPLE_PHOTO.read_bytes())
+    caplog.set_level("INFO")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(public_app.ImageOps, "exif_transpose", lambda *_, **__: 1 / 0)  # a decoder bug, say
+        with pytest.raises(gr.Error) as failed:
+            public_app.photo_bytes(photo, 64, **LIMITS)  # downscaled: decoded here
+    assert failed.value.message == public_app.FAILED
+    lines = [record.getMessage() for record in caplog.records if record.name == "backdrop"]
+    assert lines == ["An upload was gone before it could be read.", "Reading an upload failed with ZeroDivisionError."]
+
+
 def test_a_stopped_request_keeps_its_decoding_place_until_its_decode_ends(public_app, tmp_path, monkeypatch):
     started, finish = threading.Event(), threading.Event()
 
