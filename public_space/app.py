@@ -84,23 +84,30 @@ def photo_bytes(path: Path, max_side: int, max_pixels: int) -> bytes:
 
     It is refused from its header as the backend would refuse it, in the backend's words (photo_rules.py). The
     backend applies EXIF orientation itself, so only a photo that must be downscaled is decoded here, and a large
-    JPEG at a fraction of its size.
+    JPEG at a fraction of its size. Any other failure is a sentence too, and one log line without the path.
     """
     try:
-        with open_photo(str(path), max_pixels=max_pixels) as photo:
+        with path.open("rb") as source, open_photo(source, max_pixels=max_pixels) as photo:
             if max(photo.size) <= max_side:
-                return path.read_bytes()
+                source.seek(0)
+                return source.read()
             image = load_photo(photo, max_side)
             ImageOps.exif_transpose(image, in_place=True)
             if image.mode != "RGB":  # transparency goes over white once small; palettes would resize poorly
                 image = image.convert("RGBA" if image.has_transparency_data else "RGB")
             image.thumbnail((max_side, max_side), Image.LANCZOS)  # in place: no full-size copy is ever made
+        flat = image if image.mode == "RGB" else Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
+        buffer = io.BytesIO()
+        flat.convert("RGB").save(buffer, format="JPEG", quality=92)
+        return buffer.getvalue()
     except PhotoError as error:
         raise gr.Error(str(error), print_exception=False) from None
-    flat = image if image.mode == "RGB" else Image.alpha_composite(Image.new("RGBA", image.size, "white"), image)
-    buffer = io.BytesIO()
-    flat.convert("RGB").save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
+    except FileNotFoundError:  # removed meanwhile (Gradio's own clean-up, say)
+        logger.warning("An upload was gone before it could be read.")
+        raise gr.Error(UPLOAD_AGAIN, print_exception=False) from None
+    except Exception as error:  # no traceback, and not the message: it could name the file
+        logger.error("Reading an upload failed with %s.", type(error).__name__)
+        raise gr.Error(FAILED, print_exception=False) from None
 
 
 def picture_suffix(data: bytes) -> str:
@@ -154,10 +161,22 @@ def check_request(
 async def read_upload(
     upload: Path, files: Files, decoding: asyncio.Semaphore, *, max_side: int, max_pixels: int
 ) -> bytes:
-    """The photo to send (photo_bytes), a few decoded at a time; the taken upload is used up either way."""
+    """The photo to send (photo_bytes), a few decoded at a time; the taken upload is used up either way.
+
+    A cancelled request (Stop, or its visitor gone) is cancelled at once, but its decoding thread cannot be: it
+    keeps its place among the few until it has really ended, so that Stop cannot start more decodes at once.
+    """
     try:
         async with decoding:
-            return await asyncio.to_thread(photo_bytes, upload, max_side, max_pixels)
+            decode = asyncio.ensure_future(asyncio.to_thread(photo_bytes, upload, max_side, max_pixels))
+            try:
+                return await asyncio.shield(decode)
+            finally:
+                while not decode.done():  # cancelled: the thread runs on; a second cancel waits for it all the same
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait({decode})
+                if not decode.cancelled():
+                    decode.exception()  # retrieved: a cancelled request's refusal is nobody's to see, nor to log
     finally:
         files.used(upload)
 
@@ -191,7 +210,7 @@ def relay_endpoint(
         if refusal := fair_share.admit(visitor):
             raise gr.Error(refusal, print_exception=False)  # the upload stays (a while) for the next try
         try:  # from here until the job is over, however it ends, the visitor holds one of their slots
-            if (upload := files.take(image["path"])) is None:
+            if (upload := files.take(image["path"], visitor)) is None:
                 raise gr.Error(UPLOAD_AGAIN, print_exception=False)
             photo = await read_upload(upload, files, decoding, max_side=max_side, max_pixels=max_pixels)
         except BaseException:
@@ -249,7 +268,9 @@ def create_app(
     would delete another's uploads.
     """
     with gr.Blocks(title="Backdrop", delete_cache=delete_cache) as demo:
-        files = Files(demo.GRADIO_CACHE, keep_files_s)
+        files = Files(
+            demo.GRADIO_CACHE, keep_files_s, trusted_hops=trusted_proxy_hops, gradio_sets=demo.temp_file_sets
+        )
         gr.Markdown("# Backdrop\nUpload a portrait, pick a style, and get a new background behind the person.")
         if backend is None:
             gr.Markdown(f"**{NOT_CONFIGURED}**", elem_id="not-configured")

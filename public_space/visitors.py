@@ -20,7 +20,8 @@ from limits.strategies import SlidingWindowCounterRateLimiter
 
 
 def visitor_of(request: Any, trusted_hops: int) -> str:
-    """The visitor behind a request (a `gr.Request`): "user NAME", or "address A" (an IPv6 address: its /64)."""
+    """The visitor behind a request (a `gr.Request`, or a Starlette one): "user NAME", or "address A" (an IPv6
+    address: its /64)."""
     if username := _signed_in(request):
         return f"user {username}"
     peer = request.client.host if getattr(request, "client", None) else "unknown"
@@ -35,7 +36,7 @@ def _signed_in(request: Any) -> str | None:
     """Gradio's `request.username`, else the Hugging Face account of an OAuth sign-in (`hf_oauth: true`)."""
     if username := getattr(request, "username", None):
         return username
-    raw = getattr(request, "request", None)  # the Starlette request; its scope has a session only with OAuth on
+    raw = getattr(request, "request", request)  # the Starlette request; its scope has a session only with OAuth on
     session = raw.scope.get("session") if raw is not None else None
     info = (session or {}).get("oauth_info") or {}
     return (info.get("userinfo") or {}).get("preferred_username")

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from conftest import EXAMPLE_PHOTO, stack, visitor, wait_until
 from gradio_client import handle_file
 from starlette.datastructures import Headers
+from starlette.requests import Request
 
 from visitors import FairShare, visitor_of
 
@@ -41,6 +42,15 @@ def test_an_ipv6_client_is_one_visitor_per_64_and_a_user_is_one_visitor_anywhere
     assert visitor_of(request("198.51.100.7", username="ada"), 1) == "user ada"
     oauth = {"oauth_info": {"userinfo": {"preferred_username": "grace"}}}
     assert visitor_of(request("198.51.100.7", session=oauth), 1) == "user grace"
+
+
+def test_an_upload_request_names_its_visitor_as_the_endpoint_does():
+    """The files middleware names an upload's visitor from the bare Starlette request (no gr.Request there)."""
+    forwarded = [(b"x-forwarded-for", b"203.0.113.9, 198.51.100.7")]
+    scope = {"type": "http", "headers": forwarded, "client": ("10.1.2.3", 5000)}
+    assert visitor_of(Request(scope), 1) == visitor_of(request("203.0.113.9, 198.51.100.7"), 1)
+    oauth = {"oauth_info": {"userinfo": {"preferred_username": "grace"}}}
+    assert visitor_of(Request({**scope, "session": oauth}), 1) == "user grace"
 
 
 def test_jobs_and_rate_per_visitor_with_sentences_and_no_lasting_state():

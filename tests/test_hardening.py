@@ -3,9 +3,11 @@ and no server path on any page."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import threading
 import time
 import uuid
 import zlib
@@ -14,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 import httpx
 import pytest
-from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, stack, visitor, wait_until
+from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, front_app, running, stack, visitor, wait_until
 from gradio_client import Client, handle_file
 from PIL import Image, JpegImagePlugin
 
@@ -75,6 +77,56 @@ def test_a_big_jpeg_is_decoded_at_a_fraction_of_its_size(public_app, tmp_path, m
         assert (sent.format, sent.size) == ("JPEG", (1024, 683))
     assert decoded
     assert decoded[0][0] <= 6000 // 2  # at 1/2 scale or smaller, never the full 24 megapixels
+
+
+def test_a_vanished_upload_or_an_unexpected_failure_is_a_sentence_and_a_short_line(public_app, tmp_path, caplog):
+    photo = tmp_path / "secret-name.png"
+    with pytest.raises(gr.Error) as gone:
+        public_app.photo_bytes(photo, 1024, **LIMITS)
+    assert gone.value.message == public_app.UPLOAD_AGAIN
+    photo.write_bytes(EXAMPLE_PHOTO.read_bytes())
+    caplog.set_level("INFO")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(public_app.ImageOps, "exif_transpose", lambda *_, **__: 1 / 0)  # a decoder bug, say
+        with pytest.raises(gr.Error) as failed:
+            public_app.photo_bytes(photo, 64, **LIMITS)  # downscaled: decoded here
+    assert failed.value.message == public_app.FAILED
+    lines = [record.getMessage() for record in caplog.records if record.name == "backdrop"]
+    assert lines == ["An upload was gone before it could be read.", "Reading an upload failed with ZeroDivisionError."]
+
+
+def test_a_stopped_request_keeps_its_decoding_place_until_its_decode_ends(public_app, tmp_path, monkeypatch):
+    started, finish = threading.Event(), threading.Event()
+
+    def slow_decode(path: Path, max_side: int, max_pixels: int) -> bytes:
+        started.set()
+        finish.wait(10)
+        return b"photo"
+
+    monkeypatch.setattr(public_app, "photo_bytes", slow_decode)
+    upload = tmp_path / "cache" / "abc" / "photo.png"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"...")
+    files = public_app.Files(tmp_path / "cache", 60, trusted_hops=1, gradio_sets=[])
+    files.uploaded([str(upload)], "address 198.51.100.1")
+
+    async def stop_while_decoding() -> None:
+        decoding = asyncio.Semaphore(1)
+        taken = files.take(str(upload), "address 198.51.100.1")
+        reading = asyncio.ensure_future(public_app.read_upload(taken, files, decoding, max_side=64, max_pixels=10**6))
+        await asyncio.to_thread(started.wait, 10)
+        reading.cancel()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert decoding.locked()  # the thread still decodes: its place is still taken ...
+        assert not reading.done()
+        finish.set()
+        with pytest.raises(asyncio.CancelledError):  # ... and the endpoint is cancelled all the same
+            await reading
+        assert not decoding.locked()
+        assert not upload.exists()  # used up either way
+
+    asyncio.run(stop_while_decoding())
 
 
 def test_no_request_writes_a_traceback_and_a_flood_costs_a_few_lines(private_app, public_app, caplog, capfd):
@@ -158,6 +210,52 @@ def raw_call(raw: httpx.Client, path: str) -> str:
                 output = message["output"]
                 return output.get("error") or output["data"][2]
     return ""
+
+
+def test_a_visitor_uses_up_only_their_own_uploads_of_a_shared_photo(private_app, public_app, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))  # this app's uploads alone
+    with stack(private_app, public_app) as s:
+        a, b = (
+            httpx.Client(base_url=s.front, headers={"X-Forwarded-For": ip}) for ip in ("198.51.100.1", "198.51.100.2")
+        )
+        with a, b:
+            # Both upload the example photo: Gradio keeps it once, at one path, with one claim for each of them.
+            a_upload, b_upload = (
+                raw.post(
+                    "gradio_api/upload", files={"files": (EXAMPLE_PHOTO.name, EXAMPLE_PHOTO.read_bytes())}
+                ).json()[0]
+                for raw in (a, b)
+            )
+            assert a_upload == b_upload
+            assert raw_call(b, b_upload).startswith("Done in ")
+            assert raw_call(b, b_upload) == public_app.UPLOAD_AGAIN  # B's second run cannot take A's claim ...
+            assert Path(a_upload).exists()
+            assert raw_call(a, a_upload).startswith("Done in ")  # ... so A's run still works
+            wait_until(lambda: not Path(a_upload).exists())  # and with no claim left, the photo goes
+
+
+def test_gradio_keeps_no_record_of_the_files_removed(private_app, public_app, tmp_path, monkeypatch):
+    """Gradio's own sweep keeps forever its record of a file that is gone: each removed file must leave them."""
+    from standin import StandInPipeline
+
+    from relay import Backend
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
+    with running(private_app.create_app(StandInPipeline()), private_app.serve, token=TOKEN) as back:
+        demo = front_app(public_app, Backend(back, TOKEN))
+        with running(demo, public_app.serve) as url:
+            records = demo.temp_file_sets
+            before = sum(map(len, records))
+            client = Client(url, token=False, verbose=False, download_files=str(tmp_path / "downloads"))
+            for turn in range(3):
+                photo = tmp_path / f"photo-{turn}.png"
+                with Image.open(EXAMPLE_PHOTO) as example:
+                    example.rotate(90 * turn).save(photo)  # a new file each time, as each visitor's photo is
+                assert client.predict(handle_file(str(photo)), "casual", "male", api_name=API)[2].startswith("Done")
+            wait_until(lambda: not list(cache.glob("*/*")))
+            assert [name for kept in records for name in kept if not Path(name).exists()] == []
+            assert sum(map(len, records)) == before
 
 
 def test_no_server_path_in_config_or_page_and_the_example_is_served(private_app, public_app):
