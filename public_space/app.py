@@ -32,6 +32,7 @@ BACKEND_RETRY_S = float(os.getenv("BACKEND_RETRY_S", RETRY_DOWN_S))  # a failed 
 HF_TOKEN = os.getenv("HF_TOKEN") or None
 BACKEND_WAKE_TIMEOUT = float(os.getenv("BACKEND_WAKE_TIMEOUT", "180"))
 MAX_SIDE = int(os.getenv("MAX_SIDE", "1024"))  # the backend's own limit: larger photos are downscaled here first
+MAX_UPLOAD_MB = float(os.getenv("MAX_UPLOAD_MB", "10"))  # the backend's own limit: larger files are re-encoded here
 MAX_MEGAPIXELS = float(os.getenv("MAX_MEGAPIXELS", "40"))  # the backend's own limit: larger photos are refused here
 MAX_VISITORS = int(os.getenv("MAX_VISITORS", "256"))  # requests relayed at once (each waits in the backend queue)
 MAX_JOBS_PER_VISITOR = int(os.getenv("MAX_JOBS_PER_VISITOR", "2"))  # waiting or running at once; 0: no limit
@@ -79,7 +80,7 @@ def describe(update: Update | None, now: float) -> str:
     return update.status
 
 
-def photo_bytes(path: Path, max_side: int, max_pixels: int) -> bytes:
+def photo_bytes(path: Path, max_side: int, max_pixels: int, max_bytes: int = int(MAX_UPLOAD_MB * 2**20)) -> bytes:
     """The upload as it is when the backend can take it, else upright, flattened and downscaled (JPEG).
 
     It is refused from its header as the backend would refuse it, in the backend's words (photo_rules.py). The
@@ -88,7 +89,7 @@ def photo_bytes(path: Path, max_side: int, max_pixels: int) -> bytes:
     """
     try:
         with path.open("rb") as source, open_photo(source, max_pixels=max_pixels) as photo:
-            if max(photo.size) <= max_side:
+            if max(photo.size) <= max_side and path.stat().st_size <= max_bytes:
                 source.seek(0)
                 return source.read()
             image = load_photo(photo, max_side)

@@ -267,3 +267,13 @@ def test_no_server_path_in_config_or_page_and_the_example_is_served(private_app,
         assert str(EXAMPLE_PHOTO.parent) not in text
     assert example.status_code == 200
     assert example.content == EXAMPLE_PHOTO.read_bytes()
+
+
+def test_a_small_photo_in_a_file_too_big_for_the_backend_is_encoded_again(public_app, tmp_path):
+    """A 1024-px photo can still be a file larger than the backend takes (metadata, no compression)."""
+    path = tmp_path / "heavy.png"
+    Image.new("RGB", (600, 400), "teal").save(path, compress_level=0)
+    sent = public_app.photo_bytes(path, 1024, 40_000_000, max_bytes=path.stat().st_size - 1)
+    with Image.open(io.BytesIO(sent)) as image:
+        assert (image.format, image.size) == ("JPEG", (600, 400))
+    assert public_app.photo_bytes(path, 1024, 40_000_000) == path.read_bytes()  # within the limit: as it is
