@@ -21,10 +21,11 @@ import gradio as gr
 from PIL import Image, ImageOps
 from starlette.middleware import Middleware
 
+from backends import Backends
 from files import EXAMPLE_ROUTE, Files, FilesMiddleware
 from guard import launch_guarded
 from photo_rules import PhotoError, load_photo, open_photo
-from relay import FAILED, RETRY_DOWN_S, Backend, Backends, Finished, Queued, RelayError, Running, Update, Waking
+from relay import FAILED, RETRY_DOWN_S, Backend, Finished, Queued, RelayError, Running, Update, Waking
 from visitors import FairShare, visitor_of
 
 BACKEND = [target.strip() for target in os.getenv("BACKEND", "").split(",") if target.strip()]  # Space ids or URLs

@@ -22,7 +22,8 @@ from gradio_client.exceptions import AppError
 from standin import StandInPipeline
 
 import relay
-from relay import FAILED, LOST, Backend, Backends
+from backends import Backends
+from relay import FAILED, LOST, Backend
 
 API = "/predict_api"
 
