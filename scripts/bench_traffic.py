@@ -142,8 +142,6 @@ async def soak(front: str, requests: int, photo: bytes, processes: dict[str, psu
         headers = {"x-forwarded-for": f"198.51.{number // 250 % 250}.{number % 250 + 1}"}
         files = {"files": ("photo.jpg", photo, "image/jpeg")}
         path = (await http.post(f"{front}gradio_api/upload", files=files, headers=headers)).json()[0]
-        config = (await http.get(f"{front}config")).json()
-        fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "predict_api")
         session = uuid.uuid4().hex
         image = {"path": path, "meta": {"_type": "gradio.FileData"}}
         body = {"data": [image, "casual", "female"], "fn_index": fn_index, "session_hash": session}
@@ -157,17 +155,21 @@ async def soak(front: str, requests: int, photo: bytes, processes: dict[str, psu
                     break
 
     async with httpx.AsyncClient(timeout=60) as http:
+        config = (await http.get(f"{front}config")).json()  # once: a browser fetches it once per visit, not per run
+        fn_index = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "predict_api")
+        warm = min(104, requests)  # the growth counts from here: the first requests fill caches and pools
         for first in range(0, requests, 8):
             await asyncio.gather(*(visitor(http, n) for n in range(first, min(requests, first + 8))))
             done = min(requests, first + 8)
-            if done in (8, 104) or done >= requests:
-                for name, process in processes.items():
-                    rss[name].append(process.memory_info().rss)
+            for mark in (8, warm, requests):
+                if done == mark:
+                    for name, process in processes.items():
+                        rss[name].append(process.memory_info().rss)
     for name, samples in rss.items():
-        start_mib, at_100, end = (value / 2**20 for value in samples)
+        start_mib, at_warm, end = (value / 2**20 for value in samples[-3:])
         print(
-            f"{name} RSS: {start_mib:.0f} MiB after 8 requests, {at_100:.0f} at 104, {end:.0f} at {requests}: "
-            f"+{(samples[2] - samples[1]) / 1e6:.1f} MB from request 104 to {requests}"
+            f"{name} RSS: {start_mib:.0f} MiB after 8 requests, {at_warm:.0f} at {warm}, {end:.0f} at {requests}: "
+            f"+{(samples[-1] - samples[-2]) / 1e6:.1f} MB from request {warm} to {requests}"
         )
 
 

@@ -20,7 +20,6 @@ import argparse
 import gzip
 import json
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     UNet2DConditionModel,
 )
-from make_tiny_models import LABELS, SEED, folder_size, save_image_processor, save_pipeline
+from make_tiny_models import LABELS, SEED, build_all, save_image_processor, save_pipeline
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -149,12 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write the models into")
     args = parser.parse_args(argv)
-    builds = (("segmentation", build_segmentation), ("background", build_background), ("vae-tiny", build_vae_tiny))
-    for name, build in builds:
-        start = time.perf_counter()
-        target = args.out / name
-        build(target)
-        print(f"wrote {target} ({folder_size(target) / 1e9:.2f} GB) in {time.perf_counter() - start:.1f} s")
+    builds = {"segmentation": build_segmentation, "background": build_background, "vae-tiny": build_vae_tiny}
+    build_all(args.out, builds, unit=("GB", 1e9))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -218,19 +219,26 @@ def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def build_all(out: Path, builds: dict[str, Callable[[Path], None]], *, unit: tuple[str, float] = ("MB", 1e6)) -> None:
+    """Build each model into `out/NAME`, saying its size on disk and how long it took."""
+    name_of_unit, size_of_unit = unit
+    for name, build in builds.items():
+        start = time.perf_counter()
+        target = out / name
+        build(target)
+        size = folder_size(target) / size_of_unit
+        print(f"wrote {target} ({size:.2f} {name_of_unit}) in {time.perf_counter() - start:.2f} s")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse ``--out`` and write the tiny models under it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder to write segmentation/ and background/ into")
     args = parser.parse_args(argv)
-
-    builds = (("segmentation", build_segmentation), ("background", build_background), ("vae-tiny", build_vae_tiny))
-    for name, build in builds:
-        start = time.perf_counter()
-        target = args.out / name
-        build(target)
-        elapsed = time.perf_counter() - start
-        print(f"wrote {target} ({folder_size(target) / 1e6:.2f} MB) in {elapsed:.2f} s")
+    build_all(
+        args.out,
+        {"segmentation": build_segmentation, "background": build_background, "vae-tiny": build_vae_tiny},
+    )
 
 
 if __name__ == "__main__":
