@@ -2,6 +2,10 @@
 
 It goes into the real app through `create_app(pipeline=...)`: the same queue, guard and encoding as production,
 with the GPU work replaced by a sleep. It records when each job was inside it, to check that none overlap.
+
+Tests that need a job to stay running hold it with a latch instead of a long service time: after `hold()`, each
+job that enters waits until the test calls `release()` (one job each) or `release_all()`. `wait_inside(n)` waits
+until `n` jobs are inside. Nothing then depends on how fast the machine is.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 CLASS_NAMES = ["Background", "Hat", "Hair", "Face", "Upper-clothes"]
+HELD_AT_MOST_S = 120.0  # a held job that is never released ends anyway, so a failing test cannot hang the server
 
 
 class StandInPipeline:
@@ -25,22 +30,56 @@ class StandInPipeline:
         self.sizes: list[tuple[int, int]] = []
         self.inside = 0
         self.max_inside = 0
+        self.entered = 0  # jobs that have entered render, ever
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._held = False
+        self._releases = threading.Semaphore(0)
 
     @property
     def class_names(self) -> list[str]:
         return CLASS_NAMES
 
+    def hold(self) -> None:
+        """From now on, each job that enters waits for a `release()` before it works."""
+        self._held = True
+
+    def release(self, jobs: int = 1) -> None:
+        """Let `jobs` held jobs (present or future) go on."""
+        for _ in range(jobs):
+            self._releases.release()
+
+    def release_all(self) -> None:
+        """Stop holding: every job waiting goes on, and later ones are not held."""
+        self._held = False
+        self.release(64)
+
+    def wait_inside(self, jobs: int, timeout: float = 60.0) -> None:
+        """Wait until at least `jobs` jobs are inside render at once; AssertionError if that never happens."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.inside >= jobs, timeout=timeout):
+                raise AssertionError(f"{jobs} job(s) never were inside the pipeline at once (now {self.inside})")
+
+    def wait_entered(self, jobs: int, timeout: float = 60.0) -> None:
+        """Wait until at least `jobs` jobs have entered render since the start; AssertionError if not in time."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.entered >= jobs, timeout=timeout):
+                raise AssertionError(f"{jobs} job(s) never entered the pipeline (so far {self.entered})")
+
     def render(
         self, photo: Image.Image, prompt: str, seed: int, progress: Any = None
     ) -> tuple[np.ndarray, Image.Image]:
-        with self._lock:
+        with self._changed:
             self.inside += 1
+            self.entered += 1
             self.max_inside = max(self.max_inside, self.inside)
             self.prompts.append(prompt)
             self.sizes.append(photo.size)
+            self._changed.notify_all()
         started = time.monotonic()
         try:
+            if self._held:
+                self._releases.acquire(timeout=HELD_AT_MOST_S)
             for step in range(self.steps):
                 if progress is not None:
                     progress(
@@ -48,9 +87,10 @@ class StandInPipeline:
                     )
                 time.sleep(self.service_time / self.steps)
         finally:
-            with self._lock:
+            with self._changed:
                 self.inside -= 1
                 self.intervals.append((started, time.monotonic()))
+                self._changed.notify_all()
         class_map = np.zeros((photo.height, photo.width), dtype=np.uint8)
         class_map[photo.height // 4 : photo.height * 3 // 4, photo.width // 4 : photo.width * 3 // 4] = 4
         rng = np.random.default_rng(seed)
