@@ -195,21 +195,32 @@ def test_uploads_and_results_leave_the_disk_once_used(private_app, public_app, t
             wait_until(lambda: {p.name for p in kept()} == {"later.png"})  # ... are gone after keep_files_s
 
 
-def raw_call(raw: httpx.Client, path: str) -> str:
+def raw_call(raw: httpx.Client, path: str, category: str = "casual", gender: str = "male") -> str:
     """One call with a server path as the photo, the way a browser makes it; returns the last status or error."""
+    try:
+        return raw_outputs(raw, path, category, gender)[2]
+    except RuntimeError as error:
+        return str(error)
+
+
+def raw_outputs(raw: httpx.Client, path: str, category: str = "casual", gender: str = "male") -> list:
+    """The outputs (overlay, result, status) of one such call; RuntimeError(its error) if it failed, or ("")
+    if it never completed."""
     fn = next(dep["id"] for dep in raw.get("config").json()["dependencies"] if dep["api_name"] == "predict_api")
     session = uuid.uuid4().hex
     photo = {"path": path, "meta": {"_type": "gradio.FileData"}}
     raw.post(
-        "gradio_api/queue/join", json={"data": [photo, "casual", "male"], "fn_index": fn, "session_hash": session}
+        "gradio_api/queue/join", json={"data": [photo, category, gender], "fn_index": fn, "session_hash": session}
     )
     with raw.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as stream:
         for line in stream.iter_lines():
             message = json.loads(line[5:]) if line.startswith("data:") else {}
             if message.get("msg") == "process_completed":
                 output = message["output"]
-                return output.get("error") or output["data"][2]
-    return ""
+                if output.get("error") or not message.get("success"):
+                    raise RuntimeError(output.get("error") or "")
+                return output["data"]
+    raise RuntimeError("")
 
 
 def test_a_visitor_uses_up_only_their_own_uploads_of_a_shared_photo(private_app, public_app, tmp_path, monkeypatch):
