@@ -233,6 +233,7 @@ def relay_endpoint(
             if upload is None:
                 raise gr.Error(UPLOAD_AGAIN, print_exception=False)
             photo = await read_upload(upload, decoding, max_side=max_side, max_pixels=max_pixels)
+            # (Here is where a result already made for this same request could be answered, before the backend.)
             updates = backend.predict(photo, category, gender, ip_token=request.headers.get("x-ip-token"))
             del photo  # the relay holds it until it is sent, and no longer
             async with contextlib.aclosing(streamed(updates, gr.Progress())) as stream:
