@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -42,6 +43,8 @@ UPLOAD = "/gradio_api/upload"
 FILE = "/gradio_api/file="
 EXAMPLE_ROUTE = "/examples/astronaut.png"
 SWEEP_EVERY_S = 30.0  # at most; a shorter keep_s is swept more often
+
+logger = logging.getLogger("backdrop")
 
 
 def too_many_uploads(wait_s: float) -> str:
@@ -158,7 +161,10 @@ class Files:
     async def sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(min(SWEEP_EVERY_S, max(0.2, self.keep_s / 4)))
-            self.sweep()
+            try:
+                self.sweep()
+            except Exception as error:  # the next sweep tries again; the log names no file
+                logger.error("Sweeping the kept files failed with %s.", type(error).__name__)
 
     def _add(self, path: Path, now: float) -> _Kept:
         kept = self.kept.get(path)
