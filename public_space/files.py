@@ -247,7 +247,7 @@ class FilesMiddleware:
                 await send(message)
 
             await self.app(scope, receive, watch)
-            if status == 200:
+            if status in (200, 206, 304):  # served, in part, or already in the browser's cache: a use all the same
                 self.files.fetched(path.removeprefix(FILE))
         else:
             await self.app(scope, receive, send)
