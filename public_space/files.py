@@ -84,7 +84,7 @@ class Files:
         self.kept: OrderedDict[Path, _Kept] = OrderedDict()  # least recently used first
         self.kept_bytes = 0
         self.peak_bytes = 0  # the most ever kept at once (benchmarks read it)
-        self.clock = time.monotonic  # seconds; tests may turn it
+        self.clock = time.monotonic  # seconds; tests may set their own
 
     # Uploads
 
