@@ -231,7 +231,7 @@ def relay_endpoint(
         # and the upload stays theirs (files.py: a refused or finished run keeps it for the next try).
         with fair_share.slot(visitor), files.using(image["path"], visitor) as upload:
             if upload is None:
-                raise gr.Error(UPLOAD_AGAIN, print_exception=False)
+                raise gr.Error(files.refusal(visitor) or UPLOAD_AGAIN, print_exception=False)
             photo = await read_upload(upload, decoding, max_side=max_side, max_pixels=max_pixels)
             # (Here is where a result already made for this same request could be answered, before the backend.)
             updates = backend.predict(photo, category, gender, ip_token=request.headers.get("x-ip-token"))

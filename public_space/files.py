@@ -13,7 +13,8 @@ made for them (each saved with `save_result`, so its path is known from the star
   `keep_s` (a quota sized for the traffic makes that rare). A file in use never goes: an upload while a job runs
   on it, a result until its first fetch (at most `keep_s`). Only these can take the disk past the quota.
 - One visitor's uploads together stay within `visitor_bytes`: an upload past that is refused with a sentence, so
-  one client can neither fill the disk nor push other visitors' photos out.
+  one client can neither fill the disk nor push other visitors' photos out. The page shows the upload's 429 and its
+  sentence; gradio_client, which would show HTTP jargon, gets a path that is no one's, and the sentence at its run.
 
 Gradio's records of its files (`Blocks.temp_file_sets`) lose each removed file too, or they would keep growing.
 The middleware also serves the example photo, so that no page shows where it lies on the server.
@@ -83,6 +84,7 @@ class Files:
         self.gradio_sets = gradio_sets
         self.kept: OrderedDict[Path, _Kept] = OrderedDict()  # least recently used first
         self.kept_bytes = 0
+        self.refused: dict[str, float] = {}  # visitors refused an upload -> when (forgotten after keep_s)
         self.peak_bytes = 0  # the most ever kept at once (benchmarks read it)
         self.clock = time.monotonic  # seconds; tests may set their own
 
@@ -99,12 +101,23 @@ class Files:
             for path in new:
                 if path not in self.kept:
                     self._remove(path)
-            oldest = min((kept.claims[visitor] for kept in mine.values()), default=now)
-            return too_many_uploads(max(1.0, oldest + self.keep_s - now))
+            self.refused[visitor] = now
+            return self._too_many(visitor, now)
         for path in new:
             self._add(path, now).claims[visitor] = now
         self._make_room()
         return None
+
+    def refusal(self, visitor: str) -> str | None:
+        """The sentence that refused `visitor`'s latest upload, if one was refused within `keep_s`."""
+        now = self.clock()
+        refused = self.refused.get(visitor)
+        return self._too_many(visitor, now) if refused is not None and now - refused < self.keep_s else None
+
+    def _too_many(self, visitor: str, now: float) -> str:
+        """Too many uploads, and how long until the oldest of the visitor's claims lapses."""
+        claims = [kept.claims[visitor] for kept in self.kept.values() if self._holds(kept, visitor, now)]
+        return too_many_uploads(max(1.0, min(claims, default=now) + self.keep_s - now))
 
     @contextlib.contextmanager
     def using(self, path: str, visitor: str) -> Iterator[Path | None]:
@@ -148,6 +161,7 @@ class Files:
         """Remove the files unused for `keep_s` (its last claim lapsed, or a result not fetched again), but for an
         upload a job still runs on."""
         expired = self.clock() - self.keep_s
+        self.refused = {visitor: when for visitor, when in self.refused.items() if when > expired}
         for path, kept in list(self.kept.items()):
             if kept.used > expired:
                 break  # least recently used first: the rest are newer
@@ -266,11 +280,19 @@ class FilesMiddleware:
             with contextlib.suppress(ValueError):
                 paths = [p for p in json.loads(body) if isinstance(p, str)]
                 visitor = visitor_of(Request(scope), self.files.trusted_hops)
-                if refusal := self.files.uploaded(paths, visitor):
+                refusal = self.files.uploaded(paths, visitor)
+                if refusal and not _from_gradio_client(scope):
                     await _send(send, 429, refusal.encode(), b"text/plain; charset=utf-8", b"no-store")
                     return
+                # gradio_client shows an upload's error as HTTP jargon: it gets its path (kept for no one), and its
+                # run the sentence (Files.refusal), as AppError.
         for message in messages:
             await send(message)
+
+
+def _from_gradio_client(scope: Scope) -> bool:
+    agent = dict(scope.get("headers") or []).get(b"user-agent", b"")
+    return b"gradio_client/" in agent
 
 
 def _path(scope: Scope) -> str:
