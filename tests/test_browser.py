@@ -144,6 +144,7 @@ def test_a_visitor_tries_a_second_style_keeps_the_result_and_a_refusal_leaves_th
             expect(page.locator("#wait")).to_contain_text("No wait right now")  # the line, before any Run
 
             page.get_by_role("button", name="Use the example photo").click()
+            expect(page.locator("#photo img")).to_have_count(1)  # uploaded, then shown
             page.wait_for_function(f"() => ({IMAGE_SHOWN})(document.querySelector('#photo img'))")
             shown = []
             for category in ("casual", "formal"):
