@@ -11,7 +11,6 @@ import contextlib
 import io
 import logging
 import os
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -26,7 +25,8 @@ from files import EXAMPLE_ROUTE, Files, FilesMiddleware
 from guard import launch_guarded
 from photo_rules import PhotoError, load_photo, open_photo
 from relay import FAILED, RETRY_DOWN_S, Backend, Finished, Queued, RelayError, Running, Update, Waking
-from visitors import FairShare, visitor_of
+from visitors import FairShare, Refused, visitor_of
+from waiting import WaitMiddleware, line_now, poll_js
 
 BACKEND = [target.strip() for target in os.getenv("BACKEND", "").split(",") if target.strip()]  # Space ids or URLs
 BACKEND_RETRY_S = float(os.getenv("BACKEND_RETRY_S", RETRY_DOWN_S))  # a failed backend is probed again after this
@@ -39,7 +39,9 @@ MAX_VISITORS = int(os.getenv("MAX_VISITORS", "256"))  # requests relayed at once
 MAX_JOBS_PER_VISITOR = int(os.getenv("MAX_JOBS_PER_VISITOR", "2"))  # waiting or running at once; 0: no limit
 VISITOR_RATE = os.getenv("VISITOR_RATE", "6/minute").strip()  # photos per visitor ("20/hour"…); empty: no limit
 TRUSTED_PROXY_HOPS = int(os.getenv("TRUSTED_PROXY_HOPS", "1"))  # proxies that append X-Forwarded-For; 0: none
-KEEP_FILES_S = float(os.getenv("KEEP_FILES_S", "300"))  # the longest an unused upload or unfetched result stays
+KEEP_FILES_S = float(os.getenv("KEEP_FILES_S", "600"))  # uploads and results stay this long after their last use
+FILES_QUOTA_MB = float(os.getenv("FILES_QUOTA_MB", "2048"))  # all kept files; past it the least recently used go
+VISITOR_FILES_MB = float(os.getenv("VISITOR_FILES_MB", "100"))  # one visitor's kept uploads; past it: refused
 DECODES_AT_ONCE = 2  # photos being decoded to be downscaled: each can take up to 4 bytes per pixel
 API_NAME = "predict_api"
 CATEGORIES = ("casual", "formal")
@@ -49,7 +51,7 @@ TICK_S = 1.0  # the countdown's step, and how soon a visitor who left is noticed
 
 NOT_CONFIGURED = "The service is not configured yet. Please try again later."
 NO_PHOTO = "Please upload a photo first."
-UPLOAD_AGAIN = "Please upload your photo again: photos are removed from the server once they have been used."
+UPLOAD_AGAIN = "Please upload your photo again: it is no longer on the server."
 
 logger = logging.getLogger("backdrop")
 
@@ -143,7 +145,7 @@ async def ticking(updates: AsyncIterator[Update]) -> AsyncIterator[Update | None
         await updates.aclose()
 
 
-Outputs = tuple[str | None, str | None, str]  # overlay file, result file, status line
+Outputs = tuple[Any, Any, str]  # overlay file, result file, status line (a picture may be "keep as it is")
 
 
 def check_request(
@@ -160,27 +162,33 @@ def check_request(
             raise gr.Error(f"Unknown {what} '{value}'. Choose one of {valid}.", print_exception=False)
 
 
-async def read_upload(
-    upload: Path, files: Files, decoding: asyncio.Semaphore, *, max_side: int, max_pixels: int
-) -> bytes:
-    """The photo to send (photo_bytes), a few decoded at a time; the taken upload is used up either way.
+async def read_upload(upload: Path, decoding: asyncio.Semaphore, *, max_side: int, max_pixels: int) -> bytes:
+    """The photo to send (photo_bytes), a few decoded at a time.
 
     A cancelled request (Stop, or its visitor gone) is cancelled at once, but its decoding thread cannot be: it
     keeps its place among the few until it has really ended, so that Stop cannot start more decodes at once.
     """
-    try:
-        async with decoding:
-            decode = asyncio.ensure_future(asyncio.to_thread(photo_bytes, upload, max_side, max_pixels))
-            try:
-                return await asyncio.shield(decode)
-            finally:
-                while not decode.done():  # cancelled: the thread runs on; a second cancel waits for it all the same
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await asyncio.wait({decode})
-                if not decode.cancelled():
-                    decode.exception()  # retrieved: a cancelled request's refusal is nobody's to see, nor to log
-    finally:
-        files.used(upload)
+    async with decoding:
+        decode = asyncio.ensure_future(asyncio.to_thread(photo_bytes, upload, max_side, max_pixels))
+        try:
+            return await asyncio.shield(decode)
+        finally:
+            while not decode.done():  # cancelled: the thread runs on; a second cancel waits for it all the same
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait({decode})
+            if not decode.cancelled():
+                decode.exception()  # retrieved: a cancelled request's refusal is nobody's to see, nor to log
+
+
+def sentence_of(error: Exception) -> str:
+    """What the visitor is told for an error: its own sentence, or FAILED (logged by its kind only: a message or
+    traceback could carry the backend's address or a server path)."""
+    if isinstance(error, gr.Error):
+        return error.message
+    if isinstance(error, RelayError | Refused):
+        return str(error)
+    logger.error("The relay failed with %s.", type(error).__name__)
+    return FAILED
 
 
 def relay_endpoint(
@@ -193,62 +201,72 @@ def relay_endpoint(
     files: Files,
 ) -> Callable[..., AsyncIterator[Outputs]]:
     """The endpoint: one visitor's request, held to their fair share, relayed to the backend as its own job."""
-    outputs_dir = Path(tempfile.mkdtemp(prefix="backdrop-"))
     decoding = asyncio.Semaphore(DECODES_AT_ONCE)
-
-    def save_picture(b64: str, name: str) -> str:
-        data = base64.b64decode(b64)
-        path = outputs_dir / f"{name}-{time.monotonic_ns()}{picture_suffix(data)}"
-        path.write_bytes(data)
-        return str(path)
 
     async def predict_api(
         image: dict[str, Any] | None, category: str, gender: str, request: gr.Request
     ) -> AsyncIterator[Outputs]:
         """Segment the person in the photo and composite them onto a generated backdrop, streaming the status."""
-        progress = gr.Progress()
+        # The page keeps its pictures until new ones come, and a refusal or failure ends the run with its sentence
+        # in the status line (an error would put "Error" over the pictures); any other caller gets the error.
+        on_page = request.headers.get("x-gradio-user") == "app"  # what Gradio's own page sends with each run
+        keep = gr.skip() if on_page else None
+        try:
+            async with contextlib.aclosing(run(image, category, gender, request, keep)) as outputs:
+                async for each in outputs:
+                    yield each
+            return
+        except Exception as error:  # not BaseException: a cancel (Stop, a visitor gone) ends the run as it is
+            sentence = sentence_of(error)
+        if not on_page:
+            raise gr.Error(sentence, print_exception=False)
+        yield keep, keep, sentence
+
+    async def run(
+        image: dict[str, Any] | None, category: str, gender: str, request: gr.Request, keep: Any
+    ) -> AsyncIterator[Outputs]:
         check_request(backend, image, category, gender)
         visitor = visitor_of(request, trusted_hops)
-        if refusal := fair_share.admit(visitor):
-            raise gr.Error(refusal, print_exception=False)  # the upload stays (a while) for the next try
-        try:  # from here until the job is over, however it ends, the visitor holds one of their slots
-            if (upload := files.take(image["path"], visitor)) is None:
-                raise gr.Error(UPLOAD_AGAIN, print_exception=False)
-            photo = await read_upload(upload, files, decoding, max_side=max_side, max_pixels=max_pixels)
-        except BaseException:
-            fair_share.release(visitor)
-            raise
-        updates = backend.predict(photo, category, gender, ip_token=request.headers.get("x-ip-token"))
-        del photo  # the relay holds it until it is sent, and no longer
-        latest: Update | None = None
-        made: list[Path] = []
-        try:
-            async with contextlib.aclosing(ticking(updates)) as stream:
+        # Admission and the upload: until the job is over, however it ends, the visitor holds one of their slots
+        # and the upload stays theirs (files.py: a refused or finished run keeps it for the next try).
+        with fair_share.slot(visitor), files.using(image["path"], visitor) as upload:
+            if upload is None:
+                raise gr.Error(files.refusal(visitor) or UPLOAD_AGAIN, print_exception=False)
+            photo = await read_upload(upload, decoding, max_side=max_side, max_pixels=max_pixels)
+            # (Here is where a result already made for this same request could be answered, before the backend.)
+            updates = backend.predict(photo, category, gender, ip_token=request.headers.get("x-ip-token"))
+            del photo  # the relay holds it until it is sent, and no longer
+            async with contextlib.aclosing(streamed(updates, gr.Progress())) as stream:
                 async for update in stream:
-                    latest = update or latest
-                    if isinstance(latest, Running) and latest.fraction is not None:
-                        progress(latest.fraction, desc=latest.desc)
-                    if isinstance(latest, Finished):
-                        made = [
-                            Path(save_picture(latest.overlay_b64, "overlay")),
-                            Path(save_picture(latest.result_b64, "result")),
-                        ]
-                        files.made(*(path.name for path in made))  # Gradio's cached copies go once fetched
-                        yield str(made[0]), str(made[1]), latest.status
+                    if isinstance(update, Finished):
+                        yield save_results(update)
                         return
-                    yield None, None, describe(latest, time.monotonic())
-        except RelayError as error:
-            yield None, None, str(error)
-            raise gr.Error(str(error), print_exception=False) from None
-        except Exception as error:  # no traceback in the logs: it could carry the backend's address
-            logger.error("The relay failed with %s.", type(error).__name__)
-            raise gr.Error(FAILED, print_exception=False) from None
-        finally:
-            fair_share.release(visitor)
-            for path in made:  # Gradio has copied them into its cache by now
-                path.unlink(missing_ok=True)
+                    yield keep, keep, describe(update, time.monotonic())
+
+    def save_results(finished: Finished) -> Outputs:
+        """Keep the finished job's pictures where Gradio serves them (files.py keeps them a while)."""
+        overlay, result = (
+            files.save_result(data, f"{name}-{time.monotonic_ns()}{picture_suffix(data)}")
+            for name, data in (
+                ("overlay", base64.b64decode(finished.overlay_b64)),
+                ("result", base64.b64decode(finished.result_b64)),
+            )
+        )
+        return str(overlay), str(result), finished.status
 
     return predict_api
+
+
+async def streamed(updates: AsyncIterator[Update], progress: gr.Progress) -> AsyncIterator[Update | None]:
+    """The job's latest update, each time one comes and every TICK_S between (None before the first); a running
+    job's fraction also goes to the progress bar."""
+    latest: Update | None = None
+    async with contextlib.aclosing(ticking(updates)) as stream:
+        async for update in stream:
+            latest = update or latest
+            if isinstance(latest, Running) and latest.fraction is not None:
+                progress(latest.fraction, desc=latest.desc)
+            yield latest
 
 
 def create_app(
@@ -260,18 +278,24 @@ def create_app(
     visitor_rate: str = VISITOR_RATE,
     trusted_proxy_hops: int = TRUSTED_PROXY_HOPS,
     keep_files_s: float = KEEP_FILES_S,
-    delete_cache: tuple[int, int] | None = (int(KEEP_FILES_S), int(KEEP_FILES_S)),
+    files_quota_mb: float = FILES_QUOTA_MB,
+    visitor_files_mb: float = VISITOR_FILES_MB,
+    delete_cache: tuple[int, int] | None = None,
 ) -> gr.Blocks:
     """Build the page around `backend` (None when unconfigured); serve it with `serve()`, which adds the guard.
 
-    Uploads and results are removed as soon as they are used (files.py) and after `keep_files_s` at the latest;
-    `delete_cache` (every, older than; seconds) is Gradio's own sweep of anything else. Tests that run several
-    apps in one process pass None: apps share Gradio's content-addressed cache, and one app's clean-up at exit
-    would delete another's uploads.
+    What stays on disk, and for how long, is files.py's alone (its docstring says it). `delete_cache` is Gradio's
+    own sweep (every, older than; seconds), off: it removes files by age whatever their use, a photo being tried
+    again or a result about to be downloaded included. Set it only as a backstop far longer than `keep_files_s`.
     """
     with gr.Blocks(title="Backdrop", delete_cache=delete_cache) as demo:
         files = Files(
-            demo.GRADIO_CACHE, keep_files_s, trusted_hops=trusted_proxy_hops, gradio_sets=demo.temp_file_sets
+            demo.GRADIO_CACHE,
+            keep_s=keep_files_s,
+            quota_bytes=int(files_quota_mb * 2**20),
+            visitor_bytes=int(visitor_files_mb * 2**20),
+            trusted_hops=trusted_proxy_hops,
+            gradio_sets=demo.temp_file_sets,
         )
         gr.Markdown("# Backdrop\nUpload a portrait, pick a style, and get a new background behind the person.")
         if backend is None:
@@ -286,6 +310,7 @@ def create_app(
                     run = gr.Button("Run", variant="primary", elem_id="run", min_width=80)
                     stop = gr.Button("Stop", variant="stop", elem_id="stop", min_width=80)
                 status = gr.Markdown(elem_id="status")
+                gr.Markdown(elem_id="wait")  # how long the line is now: filled in by the browser (waiting.py)
             with gr.Column(min_width=280):
                 overlay = gr.Image(label="Overlay", type="filepath", interactive=False, elem_id="overlay")
                 result = gr.Image(label="Result", type="filepath", interactive=False, elem_id="result")
@@ -309,8 +334,10 @@ def create_app(
         stop.click(None, js="() => 'Stopped.'", outputs=[status], cancels=[job], api_visibility="private")
         # Browser-only: fetch the example and hand it to the photo input as a real upload.
         example.click(None, js=_upload_example_js(), api_visibility="private")
+        demo.load(None, js=poll_js("wait"), api_visibility="private")  # browser-only: it polls a read-only route
     demo.queue(default_concurrency_limit=None)
     demo.backdrop_files = files  # serve() hands it to the middleware that sees uploads and deliveries
+    demo.backdrop_line = lambda: line_now(backend, about)  # ... and this to the one that serves the wait
     return demo
 
 
@@ -340,8 +367,9 @@ def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
     # page reads none of them back, so only the visitors being served need theirs. (Its default keeps 10,000.)
     launch_kwargs.setdefault("state_session_capacity", MAX_VISITORS)
     files = Middleware(FilesMiddleware, files=demo.backdrop_files, example=EXAMPLE_PHOTO.read_bytes())
+    wait = Middleware(WaitMiddleware, figure=demo.backdrop_line)
     launch_guarded(
-        demo, api_name=API_NAME, allow_uploads=True, max_file_size="20mb", middleware=[files], **launch_kwargs
+        demo, api_name=API_NAME, allow_uploads=True, max_file_size="20mb", middleware=[files, wait], **launch_kwargs
     )
 
 

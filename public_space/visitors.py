@@ -9,9 +9,11 @@ few makes every visitor look like that proxy (stricter, never spoofable); one to
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import math
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from limits import RateLimitItem, parse
@@ -53,6 +55,10 @@ def _network(address: str) -> str:
     return str(ip)
 
 
+class Refused(Exception):
+    """A request turned away; its message is the sentence that says why (and when to try again)."""
+
+
 class FairShare:
     """At most `max_jobs` jobs per visitor waiting or running at once (0: no limit), and at most `rate` a window.
 
@@ -79,6 +85,16 @@ class FairShare:
             return f"You have sent too many photos in the last {self._window()}. Please try again in {wait} s."
         self.jobs[visitor] = held + 1
         return None
+
+    @contextlib.contextmanager
+    def slot(self, visitor: str) -> Iterator[None]:
+        """Hold one of `visitor`'s slots for the length of the block, however it ends; `Refused` when none is free."""
+        if refusal := self.admit(visitor):
+            raise Refused(refusal)
+        try:
+            yield
+        finally:
+            self.release(visitor)
 
     def release(self, visitor: str) -> None:
         """Give back a slot taken by `admit` (once the job is done, failed, cancelled, or its visitor left)."""

@@ -92,7 +92,9 @@ def start(
     raise SystemExit(f"{command} did not start")
 
 
-def start_stack(service_time: float, token: str) -> tuple[str, str, list[subprocess.Popen]]:
+def start_stack(
+    service_time: float, token: str, front_env: dict[str, str] | None = None
+) -> tuple[str, str, list[subprocess.Popen]]:
     back_port, front_port = free_port(), free_port()
     back, front = f"http://127.0.0.1:{back_port}/", f"http://127.0.0.1:{front_port}/"
     quiet = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
@@ -104,9 +106,11 @@ def start_stack(service_time: float, token: str) -> tuple[str, str, list[subproc
         {"Authorization": f"Bearer {token}"},
     )
     time.sleep(1 + service_time)  # the warm-up request
-    front_env = {**quiet, "BACKEND": back, "HF_TOKEN": token, "GRADIO_SERVER_PORT": str(front_port)}
-    front_env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": ""}  # every caller here is one visitor, 127.0.0.1
-    front_proc = start([sys.executable, str(ROOT / "public_space" / "app.py")], front_env, front, FRONT_CORES)
+    env = {**quiet, "BACKEND": back, "HF_TOKEN": token, "GRADIO_SERVER_PORT": str(front_port)}
+    env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": ""}  # every caller here is one visitor, 127.0.0.1
+    front_proc = start(
+        [sys.executable, str(ROOT / "public_space" / "app.py")], env | (front_env or {}), front, FRONT_CORES
+    )
     return back, front, [backend, front_proc]
 
 
@@ -286,6 +290,7 @@ MODES: dict[str, str] = {
     "traffic": "bench_traffic",  # the private app under production traffic: GPU use, ETAs, memory of both apps
     "fairness": "bench_fairness",  # fair share between visitors, big uploads, bad requests, files on disk
     "backends": "bench_backends",  # several backends: routing, throughput, one killed mid-run
+    "callers": "bench_callers",  # many gradio_client callers at once: each gets its own files
 }
 
 

@@ -10,7 +10,8 @@
    first wait each caller's status line showed ("about 0.6 s"), against when its result came.
 3. Memory: both apps (the public one in front of the private one), `--requests` requests through the front, each
    from a new session and visitor address, the two pictures fetched as a browser would. Prints each app's RSS at
-   request 100 and at the end.
+   request 100 and at the end, and the peak of what the front keeps on disk against its quota (`--quota-mb`,
+   small by default so that the least recently used files must go).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import io
 import secrets
 import statistics
 import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import psutil
@@ -79,8 +82,6 @@ async def gpu_use(url: str, token: str, callers: int, service_time: float, photo
 
 def small_waits(token: str, photo: bytes, service_time: float = 0.5, sizes: tuple[int, ...] = (1, 8, 24)) -> None:
     """The first wait shown in the public status line against the actual finish, N callers at once."""
-    import tempfile
-
     from gradio_client import Client, handle_file
 
     with tempfile.NamedTemporaryFile(suffix=".jpg") as file:
@@ -133,10 +134,14 @@ def cpu_stages(photo: bytes, repeats: int = 20) -> None:
         print(f"  CPU per job, {name}: {1000 * (time.perf_counter() - started) / repeats:.1f} ms")
 
 
-async def soak(front: str, requests: int, photo: bytes, processes: dict[str, psutil.Process]) -> None:
-    """`requests` visitors through the front, a few at a time, each a new session with an address of its own."""
+async def soak(
+    front: str, requests: int, photo: bytes, processes: dict[str, psutil.Process], *, kept: Path, quota_mb: float
+) -> None:
+    """`requests` visitors through the front, a few at a time, each a new session with an address of its own;
+    also what the front keeps on disk (its cache folder `kept`) against its quota."""
     rss: dict[str, list[int]] = {name: [] for name in processes}
     done = 0
+    peak = 0
 
     async def visitor(http: httpx.AsyncClient, number: int) -> None:
         headers = {"x-forwarded-for": f"198.51.{number // 250 % 250}.{number % 250 + 1}"}
@@ -161,6 +166,7 @@ async def soak(front: str, requests: int, photo: bytes, processes: dict[str, psu
         for first in range(0, requests, 8):
             await asyncio.gather(*(visitor(http, n) for n in range(first, min(requests, first + 8))))
             done = min(requests, first + 8)
+            peak = max(peak, _bytes_in(kept))
             for mark in (8, warm, requests):
                 if done == mark:
                     for name, process in processes.items():
@@ -171,6 +177,14 @@ async def soak(front: str, requests: int, photo: bytes, processes: dict[str, psu
             f"{name} RSS: {start_mib:.0f} MiB after 8 requests, {at_warm:.0f} at {warm}, {end:.0f} at {requests}: "
             f"+{(samples[-1] - samples[-2]) / 1e6:.1f} MB from request {warm} to {requests}"
         )
+    print(
+        f"public app's kept files: peak {peak / 2**20:.1f} MiB (quota {quota_mb:g} MiB), "
+        f"{_bytes_in(kept) / 2**20:.1f} MiB at the end, after {requests} requests"
+    )
+
+
+def _bytes_in(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def _file_urls(message: str) -> list[str]:
@@ -185,22 +199,28 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--service-time", type=float, default=0.15, help="the stand-in's GPU seconds per job (S)")
     parser.add_argument("--callers", type=int, default=24, help="simultaneous callers (N)")
     parser.add_argument("--requests", type=int, default=1000, help="requests through both apps for memory")
+    parser.add_argument("--quota-mb", type=float, default=64, help="the front's FILES_QUOTA_MB in the soak")
+    parser.add_argument("--soak-only", action="store_true", help="only part 3 (memory and files on disk)")
     args = parser.parse_args(argv)
     token = secrets.token_urlsafe(16)
     photo = photo_1024x768()
     print(f"photo: 1024×768 JPEG, {len(photo) / 1000:.0f} kB; backend on core {sorted(BACKEND_CORES)}")
-    cpu_stages(photo)
-    back, front, processes = start_stack(args.service_time, token)
-    try:
-        asyncio.run(gpu_use(back, token, args.callers, args.service_time, photo))
-    finally:
-        for process in processes:
-            process.kill()
-    small_waits(token, photo)
-    back, front, processes = start_stack(0.0, token)
+    if not args.soak_only:
+        cpu_stages(photo)
+        back, front, processes = start_stack(args.service_time, token)
+        try:
+            asyncio.run(gpu_use(back, token, args.callers, args.service_time, photo))
+        finally:
+            for process in processes:
+                process.kill()
+        small_waits(token, photo)
+    kept = Path(tempfile.mkdtemp(prefix="bench-front-files-"))
+    back, front, processes = start_stack(
+        0.0, token, {"GRADIO_TEMP_DIR": str(kept), "FILES_QUOTA_MB": str(args.quota_mb)}
+    )
     try:
         named = {"private app": psutil.Process(processes[0].pid), "public app": psutil.Process(processes[1].pid)}
-        asyncio.run(soak(front, args.requests, photo, named))
+        asyncio.run(soak(front, args.requests, photo, named, kept=kept, quota_mb=args.quota_mb))
     finally:
         for process in processes:
             process.kill()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,76 @@ def test_a_visitor_runs_the_example_photo_and_sees_the_queue_then_both_results(
     assert first["in line"] < first["Working on your photo"] < first["Done in "], lines
     assert refused == []
     assert page_errors == []
+
+
+KEEP_S = 8  # the test's KEEP_FILES_S: long enough to outlast its few seconds' wait, short for a test
+WAIT_S = 3  # how long after it was shown the result's URL is fetched again
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_a_visitor_tries_a_second_style_keeps_the_result_and_a_refusal_leaves_the_pictures(
+    private_app, public_app, chromium_path, tmp_path, viewport
+):
+    refused: list[str] = []
+    page_errors: list[str] = []
+    front = {"keep_files_s": KEEP_S, "max_jobs_per_visitor": 1, "visitor_rate": ""}  # every visitor: 127.0.0.1
+    with stack(private_app, public_app, front=front) as s, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=viewport)
+            page.set_default_timeout(10_000)
+            page.on("response", lambda r: r.status in (401, 403) and refused.append(f"{r.url} -> {r.status}"))
+            page.on("pageerror", lambda error: page_errors.append(str(error)))
+            page.goto(s.front)
+            expect(page.locator("#wait")).to_contain_text("No wait right now")  # the line, before any Run
+
+            page.get_by_role("button", name="Use the example photo").click()
+            expect(page.locator("#photo img")).to_have_count(1)  # uploaded, then shown
+            page.wait_for_function(f"() => ({IMAGE_SHOWN})(document.querySelector('#photo img'))")
+            shown = []
+            for category in ("casual", "formal"):
+                if category != "casual":
+                    page.get_by_label("Category").click()
+                    page.get_by_role("option", name=category).click()
+                page.locator("#run").click()
+                expect(page.locator("#status")).to_contain_text("Done in ", timeout=15_000)
+                expect(page.locator("#result img")).not_to_have_attribute("src", shown[-1] if shown else "")
+                shown.append(page.locator("#result img").get_attribute("src"))
+                assert_no_error_badge(page)
+            assert s.standin.prompts[-1] != s.standin.prompts[-2]  # the second style really was asked for
+            assert page.locator("#photo img").count() == 1  # the photo stayed for the second try: no new upload
+
+            # The result's download URL still answers a while after it was shown.
+            time.sleep(WAIT_S)
+            assert page.request.get(shown[-1]).status == 200
+
+            # Someone (here: this same visitor, from Python) has a photo on the GPU: the line shows it, and this
+            # visitor's fair share (one photo at a time) refuses the next Run. The pictures stay; the line says why.
+            s.standin.hold()
+            held = visitor(s.front).submit(handle_file(str(EXAMPLE_PHOTO)), "casual", "male", api_name=API)
+            s.standin.wait_inside(1)
+            expect(page.locator("#wait")).to_contain_text("1 photo ahead", timeout=15_000)
+            pictures = [page.locator(f"{output} img").get_attribute("src") for output in ("#overlay", "#result")]
+            page.locator("#run").click()
+            expect(page.locator("#status")).to_contain_text("You already have 1 photo in line.")
+            assert "Done in" not in page.locator("#status").inner_text()
+            assert [page.locator(f"{output} img").get_attribute("src") for output in ("#overlay", "#result")] == (
+                pictures
+            )
+            assert_no_error_badge(page)
+            page.screenshot(path=tmp_path / "refused.png", full_page=True)
+            s.standin.release_all()
+            assert held.result(timeout=30)[2].startswith("Done in ")
+            assert page.evaluate("document.documentElement.scrollWidth") <= viewport["width"]
+        finally:
+            browser.close()
+    assert refused == []
+    assert page_errors == []
+
+
+def assert_no_error_badge(page) -> None:
+    """Gradio marks a failed event's outputs with an "Error" label and shows a toast: neither may appear."""
+    for output in ("#overlay", "#result", "#status"):
+        expect(page.locator(output).get_by_text("Error", exact=True)).to_have_count(0)
+    expect(page.locator(".toast-body")).to_have_count(0)

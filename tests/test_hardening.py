@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import threading
-import time
 import uuid
 import zlib
 from pathlib import Path
@@ -107,13 +106,10 @@ def test_a_stopped_request_keeps_its_decoding_place_until_its_decode_ends(public
     upload = tmp_path / "cache" / "abc" / "photo.png"
     upload.parent.mkdir(parents=True)
     upload.write_bytes(b"...")
-    files = public_app.Files(tmp_path / "cache", 60, trusted_hops=1, gradio_sets=[])
-    files.uploaded([str(upload)], "address 198.51.100.1")
 
     async def stop_while_decoding() -> None:
         decoding = asyncio.Semaphore(1)
-        taken = files.take(str(upload), "address 198.51.100.1")
-        reading = asyncio.ensure_future(public_app.read_upload(taken, files, decoding, max_side=64, max_pixels=10**6))
+        reading = asyncio.ensure_future(public_app.read_upload(upload, decoding, max_side=64, max_pixels=10**6))
         await asyncio.to_thread(started.wait, 10)
         reading.cancel()
         for _ in range(10):
@@ -124,7 +120,6 @@ def test_a_stopped_request_keeps_its_decoding_place_until_its_decode_ends(public
         with pytest.raises(asyncio.CancelledError):  # ... and the endpoint is cancelled all the same
             await reading
         assert not decoding.locked()
-        assert not upload.exists()  # used up either way
 
     asyncio.run(stop_while_decoding())
 
@@ -167,7 +162,9 @@ def bad_requests(index: int) -> list[tuple[str, str, object]]:
     ]
 
 
-def test_uploads_and_results_leave_the_disk_once_used(private_app, public_app, tmp_path, monkeypatch):
+def test_uploads_and_results_leave_the_disk_keep_files_s_after_their_last_use(
+    private_app, public_app, tmp_path, monkeypatch
+):
     cache = tmp_path / "cache"  # Gradio's cache folder for these apps alone (others may be running on this machine)
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
     photo = tmp_path / "a-photo-of-its-own.png"
@@ -182,39 +179,49 @@ def test_uploads_and_results_leave_the_disk_once_used(private_app, public_app, t
         for _ in range(3):
             status = client.predict(handle_file(str(photo)), "casual", "male", api_name=API)[2]
             assert status.startswith("Done in ")
-        wait_until(lambda: not kept())
-        # A photo already used is gone: sending its server path again gets a sentence, not someone else's file.
+        wait_until(lambda: not kept())  # the upload, its results: all gone once unused for keep_files_s
+        assert not list(cache.glob("*"))  # their folders too
         with httpx.Client(base_url=s.front) as raw:
             upload = raw.post("gradio_api/upload", files={"files": (photo.name, photo.read_bytes())}).json()[0]
             assert raw_call(raw, upload).startswith("Done in ")
-            assert raw_call(raw, upload) == public_app.UPLOAD_AGAIN
+            assert raw_call(raw, upload, "formal").startswith("Done in ")  # a second try on the same upload
             assert raw_call(raw, "/etc/hostname") == ""  # refused (422) before it is queued: no such upload
-            assert kept()  # the results of the call above, never fetched ...
-            time.sleep(2.5)
-            raw.post("gradio_api/upload", files={"files": ("later.png", EXAMPLE_PHOTO.read_bytes())})
-            wait_until(lambda: {p.name for p in kept()} == {"later.png"})  # ... are gone after keep_files_s
+            assert kept()  # the upload and the results of the calls above, never fetched ...
+            wait_until(lambda: not kept())  # ... are gone after keep_files_s
+            assert raw_call(raw, upload) == public_app.UPLOAD_AGAIN
 
 
-def raw_call(raw: httpx.Client, path: str) -> str:
+def raw_call(raw: httpx.Client, path: str, category: str = "casual", gender: str = "male") -> str:
     """One call with a server path as the photo, the way a browser makes it; returns the last status or error."""
+    try:
+        return raw_outputs(raw, path, category, gender)[2]
+    except RuntimeError as error:
+        return str(error)
+
+
+def raw_outputs(raw: httpx.Client, path: str, category: str = "casual", gender: str = "male") -> list:
+    """The outputs (overlay, result, status) of one such call; RuntimeError(its error) if it failed, or ("")
+    if it never completed."""
     fn = next(dep["id"] for dep in raw.get("config").json()["dependencies"] if dep["api_name"] == "predict_api")
     session = uuid.uuid4().hex
     photo = {"path": path, "meta": {"_type": "gradio.FileData"}}
     raw.post(
-        "gradio_api/queue/join", json={"data": [photo, "casual", "male"], "fn_index": fn, "session_hash": session}
+        "gradio_api/queue/join", json={"data": [photo, category, gender], "fn_index": fn, "session_hash": session}
     )
     with raw.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as stream:
         for line in stream.iter_lines():
             message = json.loads(line[5:]) if line.startswith("data:") else {}
             if message.get("msg") == "process_completed":
                 output = message["output"]
-                return output.get("error") or output["data"][2]
-    return ""
+                if output.get("error") or not message.get("success"):
+                    raise RuntimeError(output.get("error") or "")
+                return output["data"]
+    raise RuntimeError("")
 
 
-def test_a_visitor_uses_up_only_their_own_uploads_of_a_shared_photo(private_app, public_app, tmp_path, monkeypatch):
+def test_a_shared_photo_stays_while_either_of_its_visitors_uses_it(private_app, public_app, tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))  # this app's uploads alone
-    with stack(private_app, public_app) as s:
+    with stack(private_app, public_app, front={"keep_files_s": 2}) as s:
         a, b = (
             httpx.Client(base_url=s.front, headers={"X-Forwarded-For": ip}) for ip in ("198.51.100.1", "198.51.100.2")
         )
@@ -228,10 +235,10 @@ def test_a_visitor_uses_up_only_their_own_uploads_of_a_shared_photo(private_app,
             )
             assert a_upload == b_upload
             assert raw_call(b, b_upload).startswith("Done in ")
-            assert raw_call(b, b_upload) == public_app.UPLOAD_AGAIN  # B's second run cannot take A's claim ...
-            assert Path(a_upload).exists()
-            assert raw_call(a, a_upload).startswith("Done in ")  # ... so A's run still works
-            wait_until(lambda: not Path(a_upload).exists())  # and with no claim left, the photo goes
+            assert raw_call(a, a_upload).startswith("Done in ")
+            assert raw_call(b, b_upload).startswith("Done in ")
+            wait_until(lambda: not Path(a_upload).exists())  # with both claims lapsed, the photo goes
+            assert raw_call(a, a_upload) == raw_call(b, b_upload) == public_app.UPLOAD_AGAIN
 
 
 def test_gradio_keeps_no_record_of_the_files_removed(private_app, public_app, tmp_path, monkeypatch):
@@ -243,7 +250,7 @@ def test_gradio_keeps_no_record_of_the_files_removed(private_app, public_app, tm
     cache = tmp_path / "cache"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
     with running(private_app.create_app(StandInPipeline()), private_app.serve, token=TOKEN) as back:
-        demo = front_app(public_app, Backend(back, TOKEN))
+        demo = front_app(public_app, Backend(back, TOKEN), keep_files_s=1)
         with running(demo, public_app.serve) as url:
             records = demo.temp_file_sets
             before = sum(map(len, records))
