@@ -26,6 +26,7 @@ from files import EXAMPLE_ROUTE, Files, FilesMiddleware
 from guard import launch_guarded
 from photo_rules import PhotoError, load_photo, open_photo
 from relay import FAILED, RETRY_DOWN_S, Backend, Finished, Queued, RelayError, Running, Update, Waking
+from results import Results
 from visitors import FairShare, visitor_of
 
 BACKEND = [target.strip() for target in os.getenv("BACKEND", "").split(",") if target.strip()]  # Space ids or URLs
@@ -40,6 +41,8 @@ MAX_JOBS_PER_VISITOR = int(os.getenv("MAX_JOBS_PER_VISITOR", "2"))  # waiting or
 VISITOR_RATE = os.getenv("VISITOR_RATE", "6/minute").strip()  # photos per visitor ("20/hour"…); empty: no limit
 TRUSTED_PROXY_HOPS = int(os.getenv("TRUSTED_PROXY_HOPS", "1"))  # proxies that append X-Forwarded-For; 0: none
 KEEP_FILES_S = float(os.getenv("KEEP_FILES_S", "300"))  # the longest an unused upload or unfetched result stays
+RESULT_CACHE_ENTRIES = int(os.getenv("RESULT_CACHE_ENTRIES", "256"))  # finished results kept for repeats; 0: none
+RESULT_CACHE_MB = float(os.getenv("RESULT_CACHE_MB", "64"))  # and at most this many megabytes of their pictures
 DECODES_AT_ONCE = 2  # photos being decoded to be downscaled: each can take up to 4 bytes per pixel
 API_NAME = "predict_api"
 CATEGORIES = ("casual", "formal")
@@ -191,6 +194,7 @@ def relay_endpoint(
     fair_share: FairShare,
     trusted_hops: int,
     files: Files,
+    results: Results,
 ) -> Callable[..., AsyncIterator[Outputs]]:
     """The endpoint: one visitor's request, held to their fair share, relayed to the backend as its own job."""
     outputs_dir = Path(tempfile.mkdtemp(prefix="backdrop-"))
@@ -218,7 +222,9 @@ def relay_endpoint(
         except BaseException:
             fair_share.release(visitor)
             raise
-        updates = backend.predict(photo, category, gender, ip_token=request.headers.get("x-ip-token"))
+        # Result cache (issue 13, item 5): a repeat is answered from results.py, else the backend's run is kept.
+        ip_token = request.headers.get("x-ip-token")
+        updates = results.predict(backend, photo, category, gender, visitor, ip_token=ip_token)
         del photo  # the relay holds it until it is sent, and no longer
         latest: Update | None = None
         made: list[Path] = []
@@ -260,6 +266,8 @@ def create_app(
     visitor_rate: str = VISITOR_RATE,
     trusted_proxy_hops: int = TRUSTED_PROXY_HOPS,
     keep_files_s: float = KEEP_FILES_S,
+    result_cache_entries: int = RESULT_CACHE_ENTRIES,
+    result_cache_mb: float = RESULT_CACHE_MB,
     delete_cache: tuple[int, int] | None = (int(KEEP_FILES_S), int(KEEP_FILES_S)),
 ) -> gr.Blocks:
     """Build the page around `backend` (None when unconfigured); serve it with `serve()`, which adds the guard.
@@ -296,6 +304,11 @@ def create_app(
             fair_share=FairShare(max_jobs_per_visitor, visitor_rate),
             trusted_hops=trusted_proxy_hops,
             files=files,
+            results=Results(  # result cache (issue 13, item 5): the example's results are everyone's
+                max_entries=result_cache_entries,
+                max_bytes=int(result_cache_mb * 2**20),
+                example=photo_bytes(EXAMPLE_PHOTO, max_side, int(max_megapixels * 1e6)),
+            ),
         )
         job = run.click(
             endpoint,

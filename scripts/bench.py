@@ -105,7 +105,8 @@ def start_stack(service_time: float, token: str) -> tuple[str, str, list[subproc
     )
     time.sleep(1 + service_time)  # the warm-up request
     front_env = {**quiet, "BACKEND": back, "HF_TOKEN": token, "GRADIO_SERVER_PORT": str(front_port)}
-    front_env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": ""}  # every caller here is one visitor, 127.0.0.1
+    # Every caller here is one visitor, 127.0.0.1, and each sends the same photo: no fair share, no result cache.
+    front_env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": "", "RESULT_CACHE_ENTRIES": "0"}
     front_proc = start([sys.executable, str(ROOT / "public_space" / "app.py")], front_env, front, FRONT_CORES)
     return back, front, [backend, front_proc]
 
