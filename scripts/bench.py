@@ -287,6 +287,7 @@ MODES: dict[str, str] = {
     "traffic": "bench_traffic",  # the private app under production traffic: GPU use, ETAs, memory of both apps
     "fairness": "bench_fairness",  # fair share between visitors, big uploads, bad requests, files on disk
     "backends": "bench_backends",  # several backends: routing, throughput, one killed mid-run
+    "example-cache": "bench_cache",  # the result cache: the example photo again while the GPU queue is full
 }
 
 
