@@ -27,6 +27,7 @@ from guard import launch_guarded
 from photo_rules import PhotoError, load_photo, open_photo
 from relay import FAILED, RETRY_DOWN_S, Backend, Finished, Queued, RelayError, Running, Update, Waking
 from results import Results
+from sign_in import available, sign_in_button
 from visitors import FairShare, visitor_of
 
 BACKEND = [target.strip() for target in os.getenv("BACKEND", "").split(",") if target.strip()]  # Space ids or URLs
@@ -268,6 +269,7 @@ def create_app(
     keep_files_s: float = KEEP_FILES_S,
     result_cache_entries: int = RESULT_CACHE_ENTRIES,
     result_cache_mb: float = RESULT_CACHE_MB,
+    sign_in: bool | None = None,
     delete_cache: tuple[int, int] | None = (int(KEEP_FILES_S), int(KEEP_FILES_S)),
 ) -> gr.Blocks:
     """Build the page around `backend` (None when unconfigured); serve it with `serve()`, which adds the guard.
@@ -275,13 +277,17 @@ def create_app(
     Uploads and results are removed as soon as they are used (files.py) and after `keep_files_s` at the latest;
     `delete_cache` (every, older than; seconds) is Gradio's own sweep of anything else. Tests that run several
     apps in one process pass None: apps share Gradio's content-addressed cache, and one app's clean-up at exit
-    would delete another's uploads.
+    would delete another's uploads. `sign_in`: show "Sign in with Hugging Face" (default: where the Space provides
+    OAuth, sign_in.py).
     """
+    sign_in = available() if sign_in is None else sign_in
     with gr.Blocks(title="Backdrop", delete_cache=delete_cache) as demo:
         files = Files(
             demo.GRADIO_CACHE, keep_files_s, trusted_hops=trusted_proxy_hops, gradio_sets=demo.temp_file_sets
         )
         gr.Markdown("# Backdrop\nUpload a portrait, pick a style, and get a new background behind the person.")
+        if sign_in:  # issue 13, item 6: a signed-in visitor's fair share is their own
+            sign_in_button(size="sm", elem_id="sign-in")
         if backend is None:
             gr.Markdown(f"**{NOT_CONFIGURED}**", elem_id="not-configured")
         with gr.Row(equal_height=False):
@@ -301,7 +307,7 @@ def create_app(
             backend,
             max_side=max_side,
             max_pixels=int(max_megapixels * 1e6),
-            fair_share=FairShare(max_jobs_per_visitor, visitor_rate),
+            fair_share=FairShare(max_jobs_per_visitor, visitor_rate, sign_in=sign_in),
             trusted_hops=trusted_proxy_hops,
             files=files,
             results=Results(  # result cache (issue 13, item 5): the example's results are everyone's
