@@ -6,6 +6,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
+import pytest
 from conftest import EXAMPLE_PHOTO, TOKEN, front_app, running, stack, visitor, wait_until
 from gradio_client import handle_file
 from starlette.datastructures import Headers
@@ -166,3 +167,28 @@ def test_the_sign_in_button_is_on_the_page_only_with_oauth_and_runs_nothing_on_t
                 body = {"data": [], "fn_index": fn_index, "session_hash": "x"}
                 assert httpx.post(f"{url}gradio_api/queue/join", json=body).status_code == 403
             assert submit(visitor(url)).result(timeout=30)[2].startswith("Done in ")  # works without signing in
+
+
+@pytest.mark.browser
+def test_the_sign_in_button_goes_to_the_hugging_face_sign_in_and_the_page_loads_with_nothing_refused(
+    public_app, monkeypatch
+):
+    from playwright.sync_api import sync_playwright
+    from test_browser import CHROMIUM, CHROMIUM_ARGS
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing")
+    monkeypatch.setattr("gradio.routes.attach_oauth", lambda app: None)  # Gradio's own routes: not checked here
+    refused: list[str] = []
+    with running(front_app(public_app, None, sign_in=True), public_app.serve) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.on("response", lambda r: refused.append(f"{r.url} {r.status}") if r.status in (401, 403) else None)
+        page.goto(url)
+        page.wait_for_selector("#sign-in")
+        assert page.inner_text("#sign-in") == "Sign in with Hugging Face"
+        page.wait_for_load_state("networkidle")  # a stock gr.LoginButton's page-load event would be refused here
+        page.click("#sign-in")
+        page.wait_for_url("**/login/huggingface?_target_url=/**", timeout=10_000)
+        browser.close()
+    assert refused == []
