@@ -44,7 +44,6 @@ class Results:
         self.example = hashlib.sha256(example).digest()
         self.kept: OrderedDict[Request, Finished] = OrderedDict()  # least recently used first
         self.bytes = 0
-        self.hits = 0
 
     def request(self, photo: bytes, category: str, gender: str, visitor: str) -> Request:
         digest = hashlib.sha256(photo).digest()
@@ -57,8 +56,8 @@ class Results:
         that a backend up now has; a new result is kept on its way to the visitor."""
         request = self.request(photo, category, gender, visitor)
         if (kept := self.kept.get(request)) is not None and kept.build in await builds_now(backend):
-            self.kept.move_to_end(request)
-            self.hits += 1
+            if request in self.kept:  # (others may have pushed it out meanwhile)
+                self.kept.move_to_end(request)
             yield dataclasses.replace(kept, status=AGAIN)
             return
         updates = backend.predict(photo, category, gender, **kwargs)
