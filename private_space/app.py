@@ -13,9 +13,11 @@ import gradio as gr
 import numpy as np
 from gradio_client import Client
 from PIL import Image
+from starlette.middleware import Middleware
 
 from gpu_gate import GpuGate
 from guard import launch_guarded
+from identity import BuildHeader, build_id
 from imaging import Photo, PhotoError, composite, decode_photo, encode_photo, overlay, seed_for
 
 SEGMENTATION_MODEL = os.getenv("SEGMENTATION_MODEL", "mattmdjaga/segformer_b2_clothes")
@@ -52,6 +54,11 @@ class Pipeline(Protocol):
     @property
     def class_names(self) -> list[str]: ...
 
+    @property
+    def settings(self) -> dict[str, object]:
+        """What decides its pictures besides the inputs (model ids or folders, steps…): hashed into the build id."""
+        ...
+
     def render(
         self, photo: Image.Image, prompt: str, seed: int, progress: Any = None
     ) -> tuple[np.ndarray, Image.Image]: ...
@@ -86,6 +93,7 @@ def create_app(
     a cancelled job's thread winds down.
     """
     gate = GpuGate(gpu_concurrency)
+    build = build_id([pipeline.settings, max_side])  # what its pictures depend on: see identity.py
 
     async def predict_api(image_b64: str, category: Category, gender: Gender) -> tuple[str, str, str, str]:
         """Segment the person in the photo and composite them onto a generated backdrop.
@@ -140,6 +148,7 @@ def create_app(
         gr.api(predict_api, api_name=API_NAME, concurrency_limit=gate.slots)
     (endpoint,) = (fn for fn in demo.fns.values() if fn.api_name == API_NAME)
     demo.queue(max_size=queue_max_size, default_concurrency_limit=1)
+    demo.backdrop_build = build  # serve() says it on every response (identity.py)
     return demo
 
 
@@ -151,7 +160,8 @@ def serve(demo: gr.Blocks, *, token: str | None = BACKEND_TOKEN, warm_up: bool =
     # Bodies up to twice the photo limit reach predict_api, which answers with a sentence; larger ones get a 413.
     limit = int(MAX_UPLOAD_MB * 2**20 * 2) + 2**20
     launch_kwargs.setdefault("state_session_capacity", KEPT_SESSIONS)
-    launch_guarded(demo, api_name=API_NAME, token=token, max_body_bytes=limit, **launch_kwargs)
+    build = Middleware(BuildHeader, build=demo.backdrop_build)
+    launch_guarded(demo, api_name=API_NAME, token=token, max_body_bytes=limit, middleware=[build], **launch_kwargs)
     if warm_up:
         threading.Thread(target=run_warm_up, args=(demo.local_url, token), daemon=True, name="warm-up").start()
 

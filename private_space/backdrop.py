@@ -81,6 +81,13 @@ class Backdrop:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.steps = steps
+        self.settings = {
+            "segmentation": segmentation_model,
+            "background": background_model,
+            "steps": steps,
+            "vae": vae_model,
+            "dtype": str(self.dtype),
+        }  # what decides its pictures besides the inputs: the app hashes it into its build id (identity.py)
         self.processor = SegformerImageProcessorPil.from_pretrained(segmentation_model)
         self.segmenter = SegformerForSemanticSegmentation.from_pretrained(segmentation_model, dtype=self.dtype)
         self.segmenter.to(self.device).eval()

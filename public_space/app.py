@@ -25,6 +25,8 @@ from files import EXAMPLE_ROUTE, Files, FilesMiddleware
 from guard import launch_guarded
 from photo_rules import PhotoError, load_photo, open_photo
 from relay import FAILED, RETRY_DOWN_S, Backend, Finished, Queued, RelayError, Running, Update, Waking
+from results import Results
+from sign_in import available, sign_in_button
 from visitors import FairShare, Refused, visitor_of
 from waiting import WaitMiddleware, line_now, poll_js
 
@@ -42,6 +44,8 @@ TRUSTED_PROXY_HOPS = int(os.getenv("TRUSTED_PROXY_HOPS", "1"))  # proxies that a
 KEEP_FILES_S = float(os.getenv("KEEP_FILES_S", "600"))  # uploads and results stay this long after their last use
 FILES_QUOTA_MB = float(os.getenv("FILES_QUOTA_MB", "2048"))  # all kept files; past it the least recently used go
 VISITOR_FILES_MB = float(os.getenv("VISITOR_FILES_MB", "100"))  # one visitor's kept uploads; past it: refused
+RESULT_CACHE_ENTRIES = int(os.getenv("RESULT_CACHE_ENTRIES", "256"))  # finished results kept for repeats; 0: none
+RESULT_CACHE_MB = float(os.getenv("RESULT_CACHE_MB", "64"))  # and at most this many megabytes of their pictures
 DECODES_AT_ONCE = 2  # photos being decoded to be downscaled: each can take up to 4 bytes per pixel
 API_NAME = "predict_api"
 CATEGORIES = ("casual", "formal")
@@ -199,6 +203,7 @@ def relay_endpoint(
     fair_share: FairShare,
     trusted_hops: int,
     files: Files,
+    results: Results,
 ) -> Callable[..., AsyncIterator[Outputs]]:
     """The endpoint: one visitor's request, held to their fair share, relayed to the backend as its own job."""
     decoding = asyncio.Semaphore(DECODES_AT_ONCE)
@@ -233,8 +238,9 @@ def relay_endpoint(
             if upload is None:
                 raise gr.Error(files.refusal(visitor) or UPLOAD_AGAIN, print_exception=False)
             photo = await read_upload(upload, decoding, max_side=max_side, max_pixels=max_pixels)
-            # (Here is where a result already made for this same request could be answered, before the backend.)
-            updates = backend.predict(photo, category, gender, ip_token=request.headers.get("x-ip-token"))
+            # A repeat is answered from the kept results (results.py), else the backend runs it and it is kept.
+            ip_token = request.headers.get("x-ip-token")
+            updates = results.predict(backend, photo, category, gender, visitor, ip_token=ip_token)
             del photo  # the relay holds it until it is sent, and no longer
             async with contextlib.aclosing(streamed(updates, gr.Progress())) as stream:
                 async for update in stream:
@@ -280,6 +286,9 @@ def create_app(
     keep_files_s: float = KEEP_FILES_S,
     files_quota_mb: float = FILES_QUOTA_MB,
     visitor_files_mb: float = VISITOR_FILES_MB,
+    result_cache_entries: int = RESULT_CACHE_ENTRIES,
+    result_cache_mb: float = RESULT_CACHE_MB,
+    sign_in: bool | None = None,
     delete_cache: tuple[int, int] | None = None,
 ) -> gr.Blocks:
     """Build the page around `backend` (None when unconfigured); serve it with `serve()`, which adds the guard.
@@ -287,7 +296,9 @@ def create_app(
     What stays on disk, and for how long, is files.py's alone (its docstring says it). `delete_cache` is Gradio's
     own sweep (every, older than; seconds), off: it removes files by age whatever their use, a photo being tried
     again or a result about to be downloaded included. Set it only as a backstop far longer than `keep_files_s`.
+    `sign_in`: show "Sign in with Hugging Face" (default: where the Space provides OAuth, sign_in.py).
     """
+    sign_in = available() if sign_in is None else sign_in
     with gr.Blocks(title="Backdrop", delete_cache=delete_cache) as demo:
         files = Files(
             demo.GRADIO_CACHE,
@@ -298,6 +309,8 @@ def create_app(
             gradio_sets=demo.temp_file_sets,
         )
         gr.Markdown("# Backdrop\nUpload a portrait, pick a style, and get a new background behind the person.")
+        if sign_in:  # issue 13, item 6: a signed-in visitor's fair share is their own
+            sign_in_button(size="sm", elem_id="sign-in")
         if backend is None:
             gr.Markdown(f"**{NOT_CONFIGURED}**", elem_id="not-configured")
         with gr.Row(equal_height=False):
@@ -318,9 +331,14 @@ def create_app(
             backend,
             max_side=max_side,
             max_pixels=int(max_megapixels * 1e6),
-            fair_share=FairShare(max_jobs_per_visitor, visitor_rate),
+            fair_share=FairShare(max_jobs_per_visitor, visitor_rate, sign_in=sign_in),
             trusted_hops=trusted_proxy_hops,
             files=files,
+            results=Results(  # result cache (issue 13, item 5): the example's results are everyone's
+                max_entries=result_cache_entries,
+                max_bytes=int(result_cache_mb * 2**20),
+                example=photo_bytes(EXAMPLE_PHOTO, max_side, int(max_megapixels * 1e6)),
+            ),
         )
         job = run.click(
             endpoint,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -34,6 +35,7 @@ RETRY_DOWN_S = 10.0  # a backend that failed is probed again after this, doublin
 RETRY_DOWN_MAX_S = 60.0
 JOINS_AT_ONCE = 4
 GAPS_KEPT = 20  # a backend's observed interval is the mean of its last this many gaps between two completions
+BUILD_HEADER = "x-backdrop-build"  # the private app's build id, on each of its responses (private_space/identity.py)
 
 BUSY = "The service is busy, please try again in a minute."
 UNAVAILABLE = "The image service is not reachable right now. Please try again in a few minutes."
@@ -88,6 +90,7 @@ class Finished:
     overlay_b64: str
     result_b64: str
     status: str
+    build: str | None = None  # the build id of the backend that made it (its stream's BUILD_HEADER), if it said
 
 
 Update = Waking | Queued | Running | Finished
@@ -312,6 +315,15 @@ class Backend:
         with contextlib.suppress(httpx.HTTPError):
             await self.http.get(host, timeout=30.0)
 
+    async def current_build(self) -> str | None:
+        """The build id this backend says it has now, asked with a GET that runs nothing; None if it cannot say."""
+        try:
+            endpoint = await self._resolve()
+            response = await self.http.get(f"{endpoint.url}gradio_api/queue/status", timeout=5.0)
+            return self._checked(response, "status").headers.get(BUILD_HEADER)
+        except (_NotReady, RelayError, httpx.HTTPError):
+            return None
+
     def _checked(self, response: httpx.Response, what: str) -> httpx.Response:
         if response.status_code in (401, 403):
             logger.error(
@@ -351,6 +363,7 @@ class Backend:
         url = f"{job.endpoint.url}gradio_api/queue/data"
         try:
             async with self.http.stream("GET", url, params={"session_hash": job.session}) as response:
+                build = response.headers.get(BUILD_HEADER)
                 async for line in response.aiter_lines():
                     if not line.startswith("data:"):
                         continue
@@ -361,6 +374,8 @@ class Backend:
                         break
                     self._note(job, message)
                     update = _update(message)
+                    if isinstance(update, Finished):
+                        update = dataclasses.replace(update, build=build)
                     if update is not None:
                         yield update
                         if isinstance(update, Finished):

@@ -20,6 +20,8 @@ from limits import RateLimitItem, parse
 from limits.storage import MemoryStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 
+SHARED_ADDRESS = "Everyone at your address shares this limit: sign in with Hugging Face for a share of your own."
+
 
 def visitor_of(request: Any, trusted_hops: int) -> str:
     """The visitor behind a request (a `gr.Request`, or a Starlette one): "user NAME", or "address A" (an IPv6
@@ -64,17 +66,25 @@ class FairShare:
 
     `rate` is in the `limits` notation ("6/minute", "20/hour"; "" for no limit), counted over a sliding window
     in memory that forgets a visitor once their window has passed. A visitor's job count is dropped with their
-    last job, so neither grows with the number of visitors seen.
+    last job, so neither grows with the number of visitors seen. With `sign_in` (the page has the button), a
+    refusal of an address's share says that signing in gives one a share of one's own.
     """
 
-    def __init__(self, max_jobs: int, rate: str) -> None:
+    def __init__(self, max_jobs: int, rate: str, *, sign_in: bool = False) -> None:
         self.max_jobs = max_jobs
+        self.sign_in = sign_in
         self.rate: RateLimitItem | None = parse(rate) if rate else None
         self.limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
         self.jobs: dict[str, int] = {}
 
     def admit(self, visitor: str) -> str | None:
         """Take a job slot for `visitor` and return None, or return the sentence that says why not and when."""
+        refusal = self._refusal(visitor)
+        if refusal is not None and self.sign_in and visitor.startswith("address "):
+            return f"{refusal} {SHARED_ADDRESS}"
+        return refusal
+
+    def _refusal(self, visitor: str) -> str | None:
         held = self.jobs.get(visitor, 0)
         if self.max_jobs and held >= self.max_jobs:
             photos = "photo" if held == 1 else "photos"

@@ -107,7 +107,8 @@ def start_stack(
     )
     time.sleep(1 + service_time)  # the warm-up request
     env = {**quiet, "BACKEND": back, "HF_TOKEN": token, "GRADIO_SERVER_PORT": str(front_port)}
-    env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": ""}  # every caller here is one visitor, 127.0.0.1
+    # Every caller here is one visitor, 127.0.0.1, and each sends the same photo: no fair share, no result cache.
+    env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": "", "RESULT_CACHE_ENTRIES": "0"}
     front_proc = start(
         [sys.executable, str(ROOT / "public_space" / "app.py")], env | (front_env or {}), front, FRONT_CORES
     )
@@ -291,6 +292,7 @@ MODES: dict[str, str] = {
     "fairness": "bench_fairness",  # fair share between visitors, big uploads, bad requests, files on disk
     "backends": "bench_backends",  # several backends: routing, throughput, one killed mid-run
     "callers": "bench_callers",  # many gradio_client callers at once: each gets its own files
+    "example-cache": "bench_cache",  # the result cache: the example photo again while the GPU queue is full
 }
 
 

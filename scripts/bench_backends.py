@@ -87,7 +87,8 @@ def start_front(backends: Sequence[str], token: str) -> tuple[str, subprocess.Po
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = {**QUIET, "BACKEND": ",".join(backends), "HF_TOKEN": token, "GRADIO_SERVER_PORT": str(port)}
-    env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": ""}  # every caller here is one visitor, 127.0.0.1
+    # Every caller here is one visitor, 127.0.0.1, and each sends the same photo: no fair share, no result cache.
+    env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": "", "RESULT_CACHE_ENTRIES": "0"}
     return url, start([sys.executable, str(ROOT / "public_space" / "app.py")], env, url, set(CORES))
 
 

@@ -169,7 +169,9 @@ def bad_requests(front: str, log: Path) -> None:
 
 
 def soak(root: Path, n: int) -> None:
-    front, folder, _, processes = start_apps(root, 0.0, 256, {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": ""})
+    front, folder, _, processes = start_apps(
+        root, 0.0, 256, {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": "", "RESULT_CACHE_ENTRIES": "0"}
+    )
     counts: list[int] = []
     stop = threading.Event()
 

@@ -17,8 +17,6 @@ Building took 28 s and 3.6 GiB of memory on a 2-core machine. Nothing here runs 
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import tempfile
 from pathlib import Path
 
@@ -29,37 +27,13 @@ from diffusers import (
     EulerDiscreteScheduler,
     UNet2DConditionModel,
 )
-from make_tiny_models import LABELS, SEED, build_all, save_image_processor, save_pipeline
+from make_tiny_models import LABELS, SEED, build_all, clip_tokenizer, save_image_processor, save_pipeline
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
-    CLIPTokenizer,
     SegformerConfig,
     SegformerForSemanticSegmentation,
 )
-
-MERGES = Path(__file__).resolve().parent / "data" / "clip-bpe-merges.txt.gz"
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def _bytes_to_unicode() -> list[str]:
-    """CLIP's byte -> printable character table, in CLIP's order (printable bytes first)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
-
-
-def clip_tokenizer(folder: Path) -> CLIPTokenizer:
-    """Write CLIP's vocab.json and merges.txt into `folder` (as OpenAI's SimpleTokenizer builds them) and load it."""
-    text = gzip.decompress(MERGES.read_bytes()).decode("utf-8")
-    merges = text.splitlines()[1:]
-    alphabet = _bytes_to_unicode()
-    tokens = [*alphabet, *(c + "</w>" for c in alphabet), *(m.replace(" ", "") for m in merges), BOS, EOS]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
-    (folder / "merges.txt").write_text(text, encoding="utf-8")
-    # OpenCLIP (SD 2.x, sd-turbo) pads with "!" (id 0); model_max_length is CLIP's 77 positions.
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!")  # noqa: S106 (a token, no secret)
 
 
 def build_segmentation(out: Path) -> None:

@@ -4,8 +4,9 @@
 
 * ``DIR/segmentation``: a ``SegformerForSemanticSegmentation`` with the 18 labels of
   ``mattmdjaga/segformer_b2_clothes`` and its image processor (512 px, ImageNet normalisation, like the real one);
-* ``DIR/background``: a ``StableDiffusionPipeline`` (tiny UNet, 2-block VAE, CLIP text encoder, a hand-written
-  CLIP tokenizer vocabulary and ``EulerAncestralDiscreteScheduler``) that ``AutoPipelineForText2Image`` loads.
+* ``DIR/background``: a ``StableDiffusionPipeline`` (tiny UNet, 2-block VAE, CLIP text encoder (hidden size 16),
+  CLIP's real 49408-token tokenizer (from ``scripts/data/clip-bpe-merges.txt.gz``, so prompts are tokenized and
+  truncated as sd-turbo's are) and ``EulerAncestralDiscreteScheduler``) that ``AutoPipelineForText2Image`` loads.
   Its native size is 128 px (UNet sample size 64 x VAE scale factor 2), not sd-turbo's 512.
 * ``DIR/vae-tiny``: an ``AutoencoderTiny`` with the same latents and scale factor (2) as that pipeline's VAE, to
   load with ``VAE_MODEL`` in its place, as ``madebyollin/taesd`` replaces sd-turbo's.
@@ -17,6 +18,7 @@ Weights are random but seeded, so two runs write the same tensors. Both folders 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import tempfile
 import time
@@ -65,48 +67,31 @@ LABELS = [
     "Scarf",
 ]
 
-# A few whole words get merge chains, so the tokenizer does real BPE on typical prompts; anything else falls
-# back to byte-level single characters, which are all in the vocabulary.
-WORDS = ["a", "the", "of", "on", "and", "with", "beach", "sunset", "city", "night", "forest", "studio", "photo"]
+MERGES = Path(__file__).resolve().parent / "data" / "clip-bpe-merges.txt.gz"  # CLIP's own BPE (data/README.md)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable character table (byte-level BPE alphabet)."""
+def _bytes_to_unicode() -> list[str]:
+    """CLIP's byte -> printable character table, in CLIP's order (printable bytes first)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table = {b: chr(b) for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
+    extra = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
 
 
-def tokenizer_files() -> tuple[dict[str, int], list[str]]:
-    """Return a small CLIP vocabulary (token -> id) and its BPE merges, in CLIP's own layout."""
-    alphabet = list(_bytes_to_unicode().values())
-    tokens = [*alphabet, *(c + "</w>" for c in alphabet)]
-    merges: list[str] = []
-    for word in WORDS:
-        pieces = [*word[:-1], word[-1] + "</w>"]
-        while len(pieces) > 1:
-            merges.append(f"{pieces[0]} {pieces[1]}")
-            pieces = [pieces[0] + pieces[1], *pieces[2:]]
-            if pieces[0] not in tokens:
-                tokens.append(pieces[0])
-    merges = list(dict.fromkeys(merges))
-    tokens += [BOS, EOS]
-    return {token: i for i, token in enumerate(tokens)}, merges
+def clip_tokenizer(folder: Path) -> CLIPTokenizer:
+    """Write CLIP's vocab.json and merges.txt into `folder` (as OpenAI's SimpleTokenizer builds them) and load it.
 
-
-def build_tokenizer() -> CLIPTokenizer:
-    """Write vocab.json + merges.txt and load them (transformers 5 ignores vocab_file/merges_file arguments)."""
-    vocab, merges = tokenizer_files()
-    with tempfile.TemporaryDirectory() as folder:
-        (Path(folder) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-        (Path(folder) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-        return CLIPTokenizer.from_pretrained(folder, model_max_length=77)
+    transformers 5 ignores `vocab_file`/`merges_file` arguments: the files must be in a folder.
+    """
+    text = gzip.decompress(MERGES.read_bytes()).decode("utf-8")
+    merges = text.splitlines()[1:]
+    alphabet = _bytes_to_unicode()
+    tokens = [*alphabet, *(c + "</w>" for c in alphabet), *(m.replace(" ", "") for m in merges), BOS, EOS]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    (folder / "merges.txt").write_text(text, encoding="utf-8")
+    # OpenCLIP (SD 2.x, sd-turbo) pads with "!" (id 0); model_max_length is CLIP's 77 positions.
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=77, pad_token="!")  # noqa: S106 (a token, no secret)
 
 
 def build_segmentation(out: Path) -> None:
@@ -166,7 +151,8 @@ def build_background(out: Path) -> None:
         layers_per_block=1,
         norm_num_groups=4,
     )
-    tokenizer = build_tokenizer()
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer = clip_tokenizer(Path(folder))
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tokenizer),

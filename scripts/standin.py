@@ -40,6 +40,11 @@ class StandInPipeline:
     def class_names(self) -> list[str]:
         return CLASS_NAMES
 
+    @property
+    def settings(self) -> dict[str, object]:
+        """What decides its pictures (the private app's build id): a stand-in of other steps is another build."""
+        return {"stand-in": True, "steps": self.steps}
+
     def hold(self) -> None:
         """From now on, each job that enters waits for a `release()` before it works."""
         self._held = True

@@ -109,10 +109,13 @@ def stack(
 
 # Every test visitor comes from 127.0.0.1: fair share is off unless a test turns it on (tests/test_fair_share.py).
 NO_FAIR_SHARE = {"max_jobs_per_visitor": 0, "visitor_rate": ""}
+# Most tests count the jobs that reach the pipeline: the result cache is off unless a test turns it on
+# (tests/test_result_cache.py).
+NO_RESULT_CACHE = {"result_cache_entries": 0}
 
 
 def front_app(public_app, backend, **kwargs):
-    return public_app.create_app(backend, delete_cache=None, **{**NO_FAIR_SHARE, **kwargs})
+    return public_app.create_app(backend, delete_cache=None, **{**NO_FAIR_SHARE, **NO_RESULT_CACHE, **kwargs})
 
 
 def wait_until(condition, timeout: float = 20.0) -> None:

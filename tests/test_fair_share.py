@@ -6,12 +6,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
-from conftest import EXAMPLE_PHOTO, stack, visitor, wait_until
+import pytest
+from conftest import EXAMPLE_PHOTO, TOKEN, front_app, running, stack, visitor, wait_until
 from gradio_client import handle_file
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
-from visitors import FairShare, visitor_of
+from visitors import SHARED_ADDRESS, FairShare, visitor_of
 
 API = "/predict_api"
 
@@ -119,3 +120,75 @@ def test_a_cancelled_job_gives_its_slot_back(private_app, public_app):
         waiting.cancel()
         assert submit(visitor(s.front, same)).result(timeout=30)[2].startswith("Done in ")  # not "already have 1"
         assert blocker.result(timeout=30)[2].startswith("Done in ")
+
+
+def test_a_refusal_of_an_addresss_share_says_that_signing_in_gives_ones_own():
+    share = FairShare(max_jobs=1, rate="2/minute", sign_in=True)
+    for who in ("address 198.51.100.7", "user ada"):
+        assert share.admit(who) is None
+        busy = share.admit(who)
+        share.release(who)
+        assert share.admit(who) is None
+        share.release(who)
+        too_many = share.admit(who)
+        assert busy.startswith("You already have 1 photo in line.")
+        assert too_many.startswith("You have sent too many photos in the last minute.")
+        signed_in = who.startswith("user ")
+        for refusal in (busy, too_many):
+            assert refusal.endswith(SHARED_ADDRESS) is not signed_in, refusal  # a user's share is their own already
+    assert "sign in with Hugging Face for a share of your own" in SHARED_ADDRESS
+    plain = FairShare(max_jobs=1, rate="", sign_in=False)  # no button on the page: no advice to press it
+    plain.admit("address 198.51.100.7")
+    assert plain.admit("address 198.51.100.7") == "You already have 1 photo in line. Please wait until one is done."
+
+
+def test_the_sign_in_button_is_on_the_page_only_with_oauth_and_runs_nothing_on_the_server(
+    public_app, monkeypatch, private_app
+):
+    import gradio as gr
+    import httpx
+
+    from relay import Backend
+
+    assert not any(isinstance(block, gr.LoginButton) for block in front_app(public_app, None).blocks.values())
+    # Off Spaces Gradio would mock the OAuth routes with this machine's Hub login; here only the page is checked.
+    monkeypatch.setattr("gradio.routes.attach_oauth", lambda app: None)
+    with stack(private_app, public_app) as s:
+        front = front_app(public_app, Backend(s.back, TOKEN), sign_in=True, max_jobs_per_visitor=1)
+        (button,) = [block for block in front.blocks.values() if isinstance(block, gr.LoginButton)]
+        assert button.value == "Sign in with Hugging Face"
+        assert [fn.api_name for fn in front.fns.values() if fn.fn is not None] == ["predict_api"]  # clicks: browser
+        with running(front, public_app.serve) as url:
+            assert list(httpx.get(f"{url}gradio_api/info").json()["named_endpoints"]) == [API]
+            config = httpx.get(f"{url}config").json()
+            others = [dep["id"] for dep in config["dependencies"] if dep["api_name"] != "predict_api"]
+            assert len(others) >= 3  # Stop, the example, and the sign-in click
+            for fn_index in others:
+                body = {"data": [], "fn_index": fn_index, "session_hash": "x"}
+                assert httpx.post(f"{url}gradio_api/queue/join", json=body).status_code == 403
+            assert submit(visitor(url)).result(timeout=30)[2].startswith("Done in ")  # works without signing in
+
+
+@pytest.mark.browser
+def test_the_sign_in_button_goes_to_the_hugging_face_sign_in_and_the_page_loads_with_nothing_refused(
+    public_app, monkeypatch
+):
+    from playwright.sync_api import sync_playwright
+    from test_browser import CHROMIUM, CHROMIUM_ARGS
+
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing")
+    monkeypatch.setattr("gradio.routes.attach_oauth", lambda app: None)  # Gradio's own routes: not checked here
+    refused: list[str] = []
+    with running(front_app(public_app, None, sign_in=True), public_app.serve) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.on("response", lambda r: refused.append(f"{r.url} {r.status}") if r.status in (401, 403) else None)
+        page.goto(url)
+        page.wait_for_selector("#sign-in")
+        assert page.inner_text("#sign-in") == "Sign in with Hugging Face"
+        page.wait_for_load_state("networkidle")  # a stock gr.LoginButton's page-load event would be refused here
+        page.click("#sign-in")
+        page.wait_for_url("**/login/huggingface?_target_url=/**", timeout=10_000)
+        browser.close()
+    assert refused == []

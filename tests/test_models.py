@@ -17,8 +17,7 @@ import pytest
 import torch
 from conftest import EXAMPLE_PHOTO, ROOT, running
 from gradio_client import Client
-from make_full_size_models import clip_tokenizer
-from make_tiny_models import LABELS
+from make_tiny_models import LABELS, clip_tokenizer
 from PIL import Image
 
 from backdrop import GPU_DURATION_S, Backdrop, _render_duration, background_size, gpu_seconds
@@ -72,18 +71,13 @@ def test_script_writes_both_folders_and_they_reload(tiny_models: Path) -> None:
     tokens = pipe.tokenizer(PROMPT).input_ids
     assert pipe.tokenizer.convert_ids_to_tokens(tokens)[1:-1] == [
         "a</w>",
-        "q",
-        "u",
-        "i",
-        "e",
-        "t</w>",
+        "quiet</w>",
         "beach</w>",
-        "a",
-        "t</w>",
+        "at</w>",
         "sunset</w>",
     ]
     weights = sum(f.stat().st_size for f in tiny_models.rglob("*") if f.is_file())
-    assert weights < 5_000_000
+    assert weights < 8_000_000  # CLIP's 49408-token embedding at hidden size 16, and its vocab.json and merges.txt
 
 
 def test_script_is_deterministic(tiny_models: Path, tmp_path: Path) -> None:
@@ -205,6 +199,33 @@ def test_every_prompt_fits_the_text_encoders_77_tokens(private_app, tmp_path: Pa
         for gender in private_app.PEOPLE:
             ids = tokenizer(private_app.background_prompt(category, gender)).input_ids
             assert len(ids) <= tokenizer.model_max_length == 77, (category, gender, len(ids))
+
+
+def test_the_tiny_pipeline_tokenizes_every_prompt_as_clip_does_without_truncating(
+    private_app, tiny_models: Path, tmp_path: Path
+) -> None:
+    """The tiny models' tokenizer is CLIP's: a real prompt is not cut (and the pipeline logs no truncation)."""
+    from diffusers import AutoPipelineForText2Image
+
+    pipe = AutoPipelineForText2Image.from_pretrained(tiny_models / "background")
+    clip = clip_tokenizer(tmp_path)
+    assert len(pipe.tokenizer) == len(clip) == pipe.text_encoder.config.vocab_size == 49408
+    diffusers_log = logging.getLogger("diffusers")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # diffusers' own loggers do not propagate to pytest's
+    diffusers_log.addHandler(handler)
+    try:
+        for category in private_app.SCENES:
+            for gender in private_app.PEOPLE:
+                prompt = private_app.background_prompt(category, gender)
+                ids = pipe.tokenizer(prompt).input_ids
+                assert ids == clip(prompt).input_ids
+                assert len(ids) < 77, (category, gender, len(ids))  # all of it, BOS and EOS included
+                pipe.encode_prompt(prompt, torch.device("cpu"), 1, False)
+    finally:
+        diffusers_log.removeHandler(handler)
+    assert not [record.getMessage() for record in records if "truncated" in record.getMessage()]
 
 
 def test_same_seed_same_output_and_other_seed_other_background(backdrop: Backdrop, photo: Image.Image) -> None:

@@ -1,0 +1,94 @@
+"""Finished results, kept so that a request already answered is answered again without joining the GPU queue.
+
+The private app seeds each picture by photo, category and gender (`imaging.seed_for`), so one request to one build
+of the backend always gives the same pictures. A result is kept under the request (the digest of the photo's
+bytes as they are sent, category, gender) and a scope:
+- the example photo (what "Use the example photo" uploads): one scope for everyone, as Gradio's cached examples;
+- any other photo: its visitor (`visitors.visitor_of`). Someone's own photo's results go back to them alone,
+  never to another visitor who sends the same bytes.
+With the result goes the build id of the backend that made it (the `x-backdrop-build` header of its stream: see
+private_space/identity.py). A kept result is given back only when a backend that is up says, asked at that
+moment with a GET that runs nothing, that it is that build: once the backend is redeployed with other models or
+settings, nothing the old one made is given back (a new run replaces it). At most `max_entries` results and
+`max_bytes` of pictures are kept, the least recently used going first.
+
+A kept answer comes after the same checks as a run (the request's inputs, the visitor's fair share and their own
+upload): it holds the visitor's job slot only while it is answered, and counts as one of their photos for the
+rate, but takes no place in the GPU queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+
+from backends import Backends
+from relay import Backend, Finished, Update
+
+EVERYONE = "everyone"  # the scope of the example photo's results
+AGAIN = "Done · this photo with these choices was made before, so here it is again at once."
+
+Request = tuple[bytes, str, str, str]  # photo digest, category, gender, scope
+
+
+class Results:
+    """The kept results of one public app, bounded by entries and by bytes (0 entries: keep none)."""
+
+    def __init__(self, *, max_entries: int, max_bytes: int, example: bytes) -> None:
+        """`example`: the example photo's bytes as this app sends them (its results are everyone's)."""
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.example = hashlib.sha256(example).digest()
+        self.kept: OrderedDict[Request, Finished] = OrderedDict()  # least recently used first
+        self.bytes = 0
+
+    def request(self, photo: bytes, category: str, gender: str, visitor: str) -> Request:
+        digest = hashlib.sha256(photo).digest()
+        return digest, category, gender, EVERYONE if digest == self.example else visitor
+
+    async def predict(
+        self, backend: Backend | Backends, photo: bytes, category: str, gender: str, visitor: str, **kwargs: str | None
+    ) -> AsyncIterator[Update]:
+        """`backend.predict(photo, category, gender, **kwargs)`, or the kept result when there is one for a build
+        that a backend up now has; a new result is kept on its way to the visitor."""
+        request = self.request(photo, category, gender, visitor)
+        if (kept := self.kept.get(request)) is not None and kept.build in await builds_now(backend):
+            if request in self.kept:  # (others may have pushed it out meanwhile)
+                self.kept.move_to_end(request)
+            yield dataclasses.replace(kept, status=AGAIN)
+            return
+        updates = backend.predict(photo, category, gender, **kwargs)
+        del photo  # the relay lets go of it once it is sent; so must this frame
+        async for update in updates:
+            if isinstance(update, Finished):
+                self.keep(request, update)
+            yield update
+
+    def keep(self, request: Request, finished: Finished) -> None:
+        """Keep `finished` (without the photo it echoes) for `request`, if it says its build; evict to the bounds."""
+        if finished.build is None or not self.max_entries:
+            return
+        self._drop(request)
+        entry = dataclasses.replace(finished, image_b64="")
+        self.kept[request] = entry
+        self.bytes += _size(entry)
+        while self.kept and (len(self.kept) > self.max_entries or self.bytes > self.max_bytes):
+            self._drop(next(iter(self.kept)))
+
+    def _drop(self, request: Request) -> None:
+        if (entry := self.kept.pop(request, None)) is not None:
+            self.bytes -= _size(entry)
+
+
+def _size(entry: Finished) -> int:
+    return len(entry.overlay_b64) + len(entry.result_b64)
+
+
+async def builds_now(backend: Backend | Backends) -> set[str]:
+    """The build ids that the backends up now say they have (each asked once, all at once)."""
+    pool = backend.backends if isinstance(backend, Backends) else [backend]
+    said = await asyncio.gather(*(one.current_build() for one in pool if not one.down))
+    return {build for build in said if build}
