@@ -286,6 +286,8 @@ MODES: dict[str, str] = {
     "traffic": "bench_traffic",  # the private app under production traffic: GPU use, ETAs, memory of both apps
     "fairness": "bench_fairness",  # fair share between visitors, big uploads, bad requests, files on disk
     "backends": "bench_backends",  # several backends: routing, throughput, one killed mid-run
+    "etas": "bench_etas",  # the first wait each visitor is told against their result: stand-in and full size
+    "front": "bench_front",  # the public front's CPU per request beside a plain Gradio app, and its maximum rate
 }
 
 
