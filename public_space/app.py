@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import importlib.util
 import io
 import logging
 import os
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.data_classes import ImageData
 from PIL import Image, ImageOps
 from starlette.middleware import Middleware
 
 from backends import Backends
 from files import EXAMPLE_ROUTE, Files, FilesMiddleware
 from guard import launch_guarded
+from pacing import Pacer, Tail, ticking
 from photo_rules import PhotoError, load_photo, open_photo
 from relay import FAILED, RETRY_DOWN_S, Backend, Finished, Queued, RelayError, Running, Update, Waking
 from visitors import FairShare, visitor_of
@@ -66,15 +70,16 @@ def about(seconds: float) -> str:
     return f"about {round(seconds)} s" if seconds < 90 else f"about {round(seconds / 60)} min"
 
 
-def describe(update: Update | None, now: float) -> str:
-    """The status line for an update (None: nothing heard yet); a queue estimate counts down from when it arrived."""
+def describe(update: Update | None, now: float, tail: float = 0.0) -> str:
+    """The status line for an update (None: nothing heard yet); a queue estimate counts down from when it arrived,
+    and `tail` (the front's own seconds after the backend's result, pacing.Tail) is added to it."""
     if update is None:
         return "Sending your photo…"
     if isinstance(update, Waking):
         return "Waking up the GPU… this can take a minute."
     if isinstance(update, Queued):
         place = "next in line" if update.rank == 0 else f"{ordinal(update.rank + 1)} in line"
-        wait = "" if update.eta is None else f" · {about(update.eta - (now - update.received))}"
+        wait = "" if update.eta is None else f" · {about(update.eta + tail - (now - update.received))}"
         return f"You are {place}{wait}"
     if isinstance(update, Running):
         return f"Working on your photo · {update.desc}" if update.desc else "Working on your photo…"
@@ -121,29 +126,7 @@ def picture_suffix(data: bytes) -> str:
     return ".png"
 
 
-async def ticking(updates: AsyncIterator[Update]) -> AsyncIterator[Update | None]:
-    """The backend's updates as they come, and None every TICK_S between them (to count down and check in)."""
-    pending = asyncio.ensure_future(anext(updates))
-    try:
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=TICK_S)
-            if not done:
-                yield None
-                continue
-            try:
-                update = pending.result()
-            except StopAsyncIteration:
-                return
-            yield update
-            pending = asyncio.ensure_future(anext(updates))
-    finally:
-        pending.cancel()
-        with contextlib.suppress(BaseException):  # its outcome no longer matters; it must be over before aclose()
-            await pending
-        await updates.aclose()
-
-
-Outputs = tuple[str | None, str | None, str]  # overlay file, result file, status line
+Outputs = tuple[dict | None, dict | None, str]  # overlay file, result file (as Gradio sends files), status line
 
 
 def check_request(
@@ -195,12 +178,7 @@ def relay_endpoint(
     """The endpoint: one visitor's request, held to their fair share, relayed to the backend as its own job."""
     outputs_dir = Path(tempfile.mkdtemp(prefix="backdrop-"))
     decoding = asyncio.Semaphore(DECODES_AT_ONCE)
-
-    def save_picture(b64: str, name: str) -> str:
-        data = base64.b64decode(b64)
-        path = outputs_dir / f"{name}-{time.monotonic_ns()}{picture_suffix(data)}"
-        path.write_bytes(data)
-        return str(path)
+    tail = Tail()
 
     async def predict_api(
         image: dict[str, Any] | None, category: str, gender: str, request: gr.Request
@@ -220,23 +198,27 @@ def relay_endpoint(
             raise
         updates = backend.predict(photo, category, gender, ip_token=request.headers.get("x-ip-token"))
         del photo  # the relay holds it until it is sent, and no longer
-        latest: Update | None = None
+        pacer = Pacer(TICK_S)
         made: list[Path] = []
         try:
-            async with contextlib.aclosing(ticking(updates)) as stream:
+            async with contextlib.aclosing(ticking(updates, TICK_S)) as stream:
                 async for update in stream:
-                    latest = update or latest
+                    now = time.monotonic()
+                    if not pacer.arrived(update, now):
+                        continue
+                    latest = pacer.latest
                     if isinstance(latest, Running) and latest.fraction is not None:
                         progress(latest.fraction, desc=latest.desc)
                     if isinstance(latest, Finished):
                         made = [
-                            Path(save_picture(latest.overlay_b64, "overlay")),
-                            Path(save_picture(latest.result_b64, "result")),
+                            save_picture(outputs_dir, latest.overlay_b64, "overlay"),
+                            save_picture(outputs_dir, latest.result_b64, "result"),
                         ]
                         files.made(*(path.name for path in made))  # Gradio's cached copies go once fetched
-                        yield str(made[0]), str(made[1]), latest.status
+                        yield picture(made[0]), picture(made[1]), latest.status
+                        tail.add(time.monotonic() - now)  # Gradio has copied, and sent, the pictures
                         return
-                    yield None, None, describe(latest, time.monotonic())
+                    yield None, None, describe(latest, now, tail.seconds)
         except RelayError as error:
             yield None, None, str(error)
             raise gr.Error(str(error), print_exception=False) from None
@@ -249,6 +231,18 @@ def relay_endpoint(
                 path.unlink(missing_ok=True)
 
     return predict_api
+
+
+def save_picture(folder: Path, b64: str, name: str) -> Path:
+    data = base64.b64decode(b64)
+    path = folder / f"{name}-{time.monotonic_ns()}{picture_suffix(data)}"
+    path.write_bytes(data)
+    return path
+
+
+def picture(path: Path) -> dict[str, Any]:
+    """An output picture as Gradio's Image postprocessing makes it from a file path (the event skips that step)."""
+    return ImageData(path=str(path), orig_name=path.name).model_dump()
 
 
 def create_app(
@@ -305,6 +299,7 @@ def create_app(
             show_progress_on=[overlay, result],  # the status line shows the words; the bar goes on the images
             concurrency_limit=None,  # every visitor waits in the backend's queue, never in this one
             preprocess=False,  # the photo arrives as a checked upload path; photo_bytes checks it
+            postprocess=False,  # the endpoint yields what Gradio sends: no thread hop per output at each update
         )
         stop.click(None, js="() => 'Stopped.'", outputs=[status], cancels=[job], api_visibility="private")
         # Browser-only: fetch the example and hand it to the photo input as a real upload.
@@ -339,6 +334,8 @@ def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
     # Gradio keeps every session's component values (~45 kB here) until this many newer sessions have come; the
     # page reads none of them back, so only the visitors being served need theirs. (Its default keeps 10,000.)
     launch_kwargs.setdefault("state_session_capacity", MAX_VISITORS)
+    if importlib.util.find_spec("matplotlib") is None:  # Gradio tries to import it around every generator step
+        sys.modules.setdefault("matplotlib", None)  # a failed import then costs nothing instead of a path search
     files = Middleware(FilesMiddleware, files=demo.backdrop_files, example=EXAMPLE_PHOTO.read_bytes())
     launch_guarded(
         demo, api_name=API_NAME, allow_uploads=True, max_file_size="20mb", middleware=[files], **launch_kwargs

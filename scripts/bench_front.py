@@ -123,7 +123,8 @@ async def burst(url: str, callers: int, requests: int, process: psutil.Process) 
             nonlocal left, updates
             while left > 0:
                 left -= 1
-                updates += len(await visit(http, url, fn_index, photo))
+                shown = await visit(http, url, fn_index, photo)
+                updates += len(shown)
 
         await asyncio.gather(*(caller() for _ in range(callers)))
         return cpu_seconds(process) - cpu, time.monotonic() - started, updates / requests
