@@ -218,7 +218,8 @@ def relay_endpoint(
                         yield picture(made[0]), picture(made[1]), latest.status
                         tail.add(time.monotonic() - now)  # Gradio has copied, and sent, the pictures
                         return
-                    yield None, None, describe(latest, now, tail.seconds)
+                    if not pacer.repeats(line := describe(latest, now, tail.seconds)):
+                        yield None, None, line
         except RelayError as error:
             yield None, None, str(error)
             raise gr.Error(str(error), print_exception=False) from None

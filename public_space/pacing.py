@@ -3,7 +3,9 @@
 Each line sent is a Gradio generator step (postprocessing, a diff, an SSE message): the front's largest CPU cost
 per request. The backend announces a new place to every waiting job each time a job starts (several times a
 second with a fast GPU), so a waiting visitor's new place or wait is shown at the next tick, once a TICK_S, with
-the countdown; anything else (the first place, the job's start, its progress, the result) is shown at once.
+the countdown, and so is a job's start (its first words, "Waiting for the GPU" or its first step, follow within
+moments); anything else (the first place, the job's progress, the result) is shown at once, and a
+line that would only repeat the last one is not sent, but while the visitor waits in a queue.
 
 The backend's ETA is for its own result; the visitor has theirs after the front's hop back (the pictures decoded,
 saved, handed to Gradio and fetched). The front measures that share of each finished job (`Tail`) and adds it.
@@ -16,7 +18,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from relay import Queued, Update
+from relay import Queued, Running, Update, Waking
 
 TAIL_WEIGHT = 0.2  # the weight of the latest job in the mean of the front's own time per job
 
@@ -52,17 +54,28 @@ class Pacer:
         self.tick_s = tick_s
         self.latest: Update | None = None
         self._sent_at = float("-inf")
+        self._line: str | None = None
 
     def arrived(self, update: Update | None, now: float) -> bool:
         """Note a backend update (None: a tick); True when the status line should be sent now."""
         if update is None:
             due = now - self._sent_at >= self.tick_s / 2  # a line just sent needs no tick on top
         else:
-            due = not (isinstance(update, Queued) and isinstance(self.latest, Queued))
+            held = isinstance(update, Queued) and isinstance(self.latest, Queued)  # a new place: at the tick
+            bare = isinstance(update, Running) and update.desc is None  # a start: its first words follow at once
+            due = not (held or bare)
             self.latest = update
         if due:
             self._sent_at = now
         return due
+
+    def repeats(self, line: str) -> bool:
+        """True when `line` need not be sent: it is the line sent last, and no countdown or queue place hangs on
+        it (a visitor who leaves the queue is noticed at the next line sent, so a waiting one gets one a tick)."""
+        if line == self._line and not isinstance(self.latest, Queued | Waking):
+            return True
+        self._line = line
+        return False
 
 
 class Tail:
