@@ -64,10 +64,16 @@ def ordinal(n: int) -> str:
 
 
 def about(seconds: float) -> str:
-    """A wait in words: to the tenth of a second below 10 s (a short job is often under one), then coarser."""
+    """A wait in words: to the tenth of a second below 10 s (a short job is often under one), then coarser, but
+    never by more than about 5 % (whole minutes would turn 90 s into "2 min")."""
     if seconds < 9.95:
         return f"about {max(0.1, seconds):.1f} s"
-    return f"about {round(seconds)} s" if seconds < 90 else f"about {round(seconds / 60)} min"
+    if seconds < 89.5:
+        return f"about {round(seconds)} s"
+    if seconds < 595:
+        minutes, rest = divmod(round(seconds / 10) * 10, 60)
+        return f"about {minutes} min {rest} s" if rest else f"about {minutes} min"
+    return f"about {round(seconds / 60)} min"
 
 
 def describe(update: Update | None, now: float, tail: float = 0.0) -> str:

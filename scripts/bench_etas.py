@@ -3,8 +3,9 @@
     python scripts/bench.py etas [--rounds 1] [--sizes 1,8,24] [--full-size DIR] [--full-size-callers 4]
 
 1. With the stand-in (S = 0.5 s, the private app on a core of its own, the public app in front): N callers at
-   once through the public app, for each N in `--sizes`, `--rounds` times: the median of
-   |first ETA shown - actual finish| / actual wait, over the callers that were shown one.
+   once through the public app, for each N in `--sizes`, `--rounds` times (bursts repeated until 6 callers were
+   measured): the median of |first ETA shown - actual finish| / actual wait, over the callers that were shown one,
+   and the median of the signed error (+: told too long).
 2. With --full-size DIR (built by scripts/make_full_size_models.py if missing): the private app's own entry point
    on those folders (taesd as VAE_MODEL) on CPU, warmed up, then `--full-size-callers` callers at once through
    the public app: each caller's first ETA, actual wait and error, and the median error of those who were shown
@@ -25,18 +26,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import BACKEND_CORES, FRONT_CORES, ROOT, SSL, Caller, eta_error, free_port, run_callers, start
+from bench import BACKEND_CORES, FRONT_CORES, ROOT, SSL, Caller, eta_error, free_port, run_callers, shown_wait, start
 from bench_traffic import photo_1024x768
+
+MIN_SAMPLES = 6  # callers measured per N at the least
 
 
 def first_eta(record: Caller) -> tuple[float, float] | None:
     """(when the first ETA was shown, the seconds it said), or None if the caller was never shown one."""
-    import re
-
-    for shown_at, text in record.statuses:
-        if match := re.search(r"about (\d+(?:\.\d)?) (s|min)", text):
-            return shown_at, float(match[1]) * (60 if match[2] == "min" else 1)
-    return None
+    return next(((at, wait) for at, text in record.statuses if (wait := shown_wait(text)) is not None), None)
 
 
 def caller_of(photo_path: str) -> Callable[[Any], Caller]:
@@ -64,12 +62,18 @@ def small_waits(token: str, photo_path: str, sizes: list[int], rounds: int, serv
             for callers in sizes:
                 clients = [Client(front, token=False, verbose=False, ssl_verify=SSL) for _ in range(callers)]
                 call(clients[0])  # warm: the stage times come from real requests
-                records, _ = run_callers(clients, call)
-                errors = [eta_error(r) for r in records if first_eta(r)]
+                records = []
+                for _ in range(-(-MIN_SAMPLES // callers)):  # a lone caller is one sample: a few bursts then
+                    records += run_callers(clients, call)[0]
+                shown = [(r, first_eta(r)) for r in records]
+                errors = [eta_error(r) for r, eta in shown if eta]
+                signed = [(at + eta - r.finished) / (r.finished - at) for r, (at, eta) in shown if eta]
                 median = 100 * statistics.median(errors) if errors else float("nan")
+                bias = 100 * statistics.median(signed) if signed else float("nan")
                 print(
                     f"round {round_ + 1}, S = {service_time} s, N = {callers}: median first-ETA error "
-                    f"{median:.1f} % (n={len(errors)}; load average {os.getloadavg()[0]:.1f})"
+                    f"{median:.1f} % (median signed {bias:+.1f} %, n={len(errors)}; "
+                    f"load average {os.getloadavg()[0]:.1f})"
                 )
     finally:
         for process in processes:
