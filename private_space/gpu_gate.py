@@ -52,7 +52,6 @@ class GpuGate:
         self._times: dict[str, deque[float]] = {stage: deque(maxlen=WINDOW) for stage in ("decode", "gpu", "finish")}
         self._jobs: list[_Job] = []  # in the order they came; a cancelled one stays until its GPU work is over
         self._slots_taken: Callable[[], int] = lambda: len(self._jobs)
-        self._waiting: Callable[[], int] = lambda: 0
 
     @contextlib.asynccontextmanager
     async def job(self) -> AsyncIterator[Job]:
@@ -103,7 +102,6 @@ class GpuGate:
         BlockFunction): its waiting jobs' ETAs, and the time a job starting now should take (`avg_time`)."""
         event_queue = lambda: queue.event_queue_per_concurrency_id.get(fn.concurrency_id)  # noqa: E731
         self._slots_taken = lambda: max(len(self._jobs), getattr(event_queue(), "current_concurrency", 0))
-        self._waiting = lambda: len(getattr(event_queue(), "queue", ()))
         queue.process_time_per_fn[fn] = self  # Gradio reads `avg_time` when a job starts and calls `add` at its end
         broadcast = queue.broadcast_estimations
 
