@@ -8,21 +8,25 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import importlib.util
 import io
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from gradio.data_classes import ImageData
 from PIL import Image, ImageOps
 from starlette.middleware import Middleware
 
 from backends import Backends
 from files import EXAMPLE_ROUTE, Files, FilesMiddleware
 from guard import launch_guarded
+from pacing import Pacer, Tail, ticking
 from photo_rules import PhotoError, load_photo, open_photo
 from relay import FAILED, RETRY_DOWN_S, Backend, Finished, Queued, RelayError, Running, Update, Waking
 from results import Results
@@ -66,21 +70,28 @@ def ordinal(n: int) -> str:
 
 
 def about(seconds: float) -> str:
-    """A wait in words: to the tenth of a second below 10 s (a short job is often under one), then coarser."""
+    """A wait in words: to the tenth of a second below 10 s (a short job is often under one), then coarser, but
+    never by more than about 5 % (whole minutes would turn 90 s into "2 min")."""
     if seconds < 9.95:
         return f"about {max(0.1, seconds):.1f} s"
-    return f"about {round(seconds)} s" if seconds < 90 else f"about {round(seconds / 60)} min"
+    if seconds < 89.5:
+        return f"about {round(seconds)} s"
+    if seconds < 595:
+        minutes, rest = divmod(round(seconds / 10) * 10, 60)
+        return f"about {minutes} min {rest} s" if rest else f"about {minutes} min"
+    return f"about {round(seconds / 60)} min"
 
 
-def describe(update: Update | None, now: float) -> str:
-    """The status line for an update (None: nothing heard yet); a queue estimate counts down from when it arrived."""
+def describe(update: Update | None, now: float, tail: float = 0.0) -> str:
+    """The status line for an update (None: nothing heard yet); a queue estimate counts down from when it arrived,
+    and `tail` (the front's own seconds after the backend's result, pacing.Tail) is added to it."""
     if update is None:
         return "Sending your photo…"
     if isinstance(update, Waking):
         return "Waking up the GPU… this can take a minute."
     if isinstance(update, Queued):
         place = "next in line" if update.rank == 0 else f"{ordinal(update.rank + 1)} in line"
-        wait = "" if update.eta is None else f" · {about(update.eta - (now - update.received))}"
+        wait = "" if update.eta is None else f" · {about(update.eta + tail - (now - update.received))}"
         return f"You are {place}{wait}"
     if isinstance(update, Running):
         return f"Working on your photo · {update.desc}" if update.desc else "Working on your photo…"
@@ -127,29 +138,7 @@ def picture_suffix(data: bytes) -> str:
     return ".png"
 
 
-async def ticking(updates: AsyncIterator[Update]) -> AsyncIterator[Update | None]:
-    """The backend's updates as they come, and None every TICK_S between them (to count down and check in)."""
-    pending = asyncio.ensure_future(anext(updates))
-    try:
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=TICK_S)
-            if not done:
-                yield None
-                continue
-            try:
-                update = pending.result()
-            except StopAsyncIteration:
-                return
-            yield update
-            pending = asyncio.ensure_future(anext(updates))
-    finally:
-        pending.cancel()
-        with contextlib.suppress(BaseException):  # its outcome no longer matters; it must be over before aclose()
-            await pending
-        await updates.aclose()
-
-
-Outputs = tuple[Any, Any, str]  # overlay file, result file, status line (a picture may be "keep as it is")
+Outputs = tuple[Any, Any, str]  # overlay, result (as Gradio sends files; or "keep as it is"), status line
 
 
 def check_request(
@@ -207,6 +196,7 @@ def relay_endpoint(
 ) -> Callable[..., AsyncIterator[Outputs]]:
     """The endpoint: one visitor's request, held to their fair share, relayed to the backend as its own job."""
     decoding = asyncio.Semaphore(DECODES_AT_ONCE)
+    tail = Tail()
 
     async def predict_api(
         image: dict[str, Any] | None, category: str, gender: str, request: gr.Request
@@ -242,12 +232,21 @@ def relay_endpoint(
             ip_token = request.headers.get("x-ip-token")
             updates = results.predict(backend, photo, category, gender, visitor, ip_token=ip_token)
             del photo  # the relay holds it until it is sent, and no longer
-            async with contextlib.aclosing(streamed(updates, gr.Progress())) as stream:
+            pacer, progress = Pacer(TICK_S), gr.Progress()
+            async with contextlib.aclosing(ticking(updates, TICK_S)) as stream:
                 async for update in stream:
-                    if isinstance(update, Finished):
-                        yield save_results(update)
+                    now = time.monotonic()
+                    if not pacer.arrived(update, now):
+                        continue
+                    latest = pacer.latest
+                    if isinstance(latest, Running) and latest.fraction is not None:
+                        progress(latest.fraction, desc=latest.desc)
+                    if isinstance(latest, Finished):
+                        yield save_results(latest)
+                        tail.add(time.monotonic() - now)  # Gradio has copied, and sent, the pictures
                         return
-                    yield keep, keep, describe(update, time.monotonic())
+                    if not pacer.repeats(line := describe(latest, now, tail.seconds)):
+                        yield keep, keep, line
 
     def save_results(finished: Finished) -> Outputs:
         """Keep the finished job's pictures where Gradio serves them (files.py keeps them a while)."""
@@ -258,21 +257,14 @@ def relay_endpoint(
                 ("result", base64.b64decode(finished.result_b64)),
             )
         )
-        return str(overlay), str(result), finished.status
+        return picture(overlay), picture(result), finished.status
 
     return predict_api
 
 
-async def streamed(updates: AsyncIterator[Update], progress: gr.Progress) -> AsyncIterator[Update | None]:
-    """The job's latest update, each time one comes and every TICK_S between (None before the first); a running
-    job's fraction also goes to the progress bar."""
-    latest: Update | None = None
-    async with contextlib.aclosing(ticking(updates)) as stream:
-        async for update in stream:
-            latest = update or latest
-            if isinstance(latest, Running) and latest.fraction is not None:
-                progress(latest.fraction, desc=latest.desc)
-            yield latest
+def picture(path: Path) -> dict[str, Any]:
+    """An output picture as Gradio's Image postprocessing makes it from a file path (the event skips that step)."""
+    return ImageData(path=str(path), orig_name=path.name).model_dump()
 
 
 def create_app(
@@ -348,6 +340,7 @@ def create_app(
             show_progress_on=[overlay, result],  # the status line shows the words; the bar goes on the images
             concurrency_limit=None,  # every visitor waits in the backend's queue, never in this one
             preprocess=False,  # the photo arrives as a checked upload path; photo_bytes checks it
+            postprocess=False,  # the endpoint yields what Gradio sends: no thread hop per output at each update
         )
         stop.click(None, js="() => 'Stopped.'", outputs=[status], cancels=[job], api_visibility="private")
         # Browser-only: fetch the example and hand it to the photo input as a real upload.
@@ -384,6 +377,8 @@ def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
     # Gradio keeps every session's component values (~45 kB here) until this many newer sessions have come; the
     # page reads none of them back, so only the visitors being served need theirs. (Its default keeps 10,000.)
     launch_kwargs.setdefault("state_session_capacity", MAX_VISITORS)
+    if importlib.util.find_spec("matplotlib") is None:  # Gradio tries to import it around every generator step
+        sys.modules.setdefault("matplotlib", None)  # a failed import then costs nothing instead of a path search
     files = Middleware(FilesMiddleware, files=demo.backdrop_files, example=EXAMPLE_PHOTO.read_bytes())
     wait = Middleware(WaitMiddleware, figure=demo.backdrop_line)
     launch_guarded(

@@ -216,10 +216,16 @@ def load(callers: int, service_time: float, token: str) -> None:
 
 def eta_error(record: Caller) -> float:
     """|when the first ETA said the job would finish - when it did| / how long it actually took from then."""
-    shown_at, text = next((t, text) for t, text in record.statuses if "about" in text)
-    number, unit = re.search(r"about (\d+(?:\.\d)?) (s|min)", text).groups()
-    eta = float(number) * (60 if unit == "min" else 1)
+    shown_at, eta = next((t, shown_wait(text)) for t, text in record.statuses if shown_wait(text) is not None)
     return abs(shown_at + eta - record.finished) / (record.finished - shown_at)
+
+
+def shown_wait(text: str) -> float | None:
+    """The seconds a status line's "about 4.2 s", "about 1 min 30 s" or "about 12 min" says, or None."""
+    match = re.search(r"about (\d+(?:\.\d)?) (s|min)(?: (\d+) s)?", text)
+    if match is None:
+        return None
+    return float(match[1]) * (60 if match[2] == "min" else 1) + float(match[3] or 0)
 
 
 class Sampler:
@@ -293,6 +299,8 @@ MODES: dict[str, str] = {
     "backends": "bench_backends",  # several backends: routing, throughput, one killed mid-run
     "callers": "bench_callers",  # many gradio_client callers at once: each gets its own files
     "example-cache": "bench_cache",  # the result cache: the example photo again while the GPU queue is full
+    "etas": "bench_etas",  # the first wait each visitor is told against their result: stand-in and full size
+    "front": "bench_front",  # the public front's CPU per request beside a plain Gradio app, and its maximum rate
 }
 
 
