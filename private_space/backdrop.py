@@ -32,10 +32,9 @@ GPU_START_S = 8.0  # per call: the worker's start, weights paging in, segmentati
 GPU_STEP_S = 1.0  # one UNet step on 512x512 pixels of background
 GPU_DECODE_S = 1.5  # the VAE decode of 512x512 pixels
 MAX_ASPECT = 2.0  # backgrounds are at most twice as wide as tall, or as tall as wide
-# On CPU every pixel counts (README, "The real models on a CPU"): a smaller backdrop (it is upscaled behind the
-# person anyway, and its prompt asks for a shallow depth of field) and a smaller segmentation input.
+# On CPU every pixel counts (README, "The real models on a CPU"): a smaller backdrop, upscaled behind the person
+# anyway (and its prompt asks for a shallow depth of field).
 CPU_BACKGROUND_PIXELS = 384 * 256  # 384 x 256 for a 4:3 photo instead of sd-turbo's 576 x 448
-CPU_SEGMENTATION_SIZE = 384  # SegFormer's input side on CPU; its processor's own (512) on GPU
 
 logger = logging.getLogger(__name__)
 
@@ -123,17 +122,16 @@ class Backdrop:
         is then never loaded. `prompts`, when given, are encoded once here and are the only ones `render` takes: the
         text encoder is freed before the UNet loads and never runs per request. `background_pixels` caps the
         backdrop's pixel count (at most the model's native one; default: native on GPU, CPU_BACKGROUND_PIXELS on
-        CPU); `segmentation_size` is SegFormer's input side (default: its processor's on GPU, CPU_SEGMENTATION_SIZE
-        on CPU).
+        CPU); `segmentation_size` is SegFormer's input side (default: its processor's, 512 for
+        SegFormer-B2).
         """
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         on_cpu = self.device.type == "cpu"
         self.dtype = _model_dtype(self.device, cpu_dtype)
         self.steps = steps
         self.processor = SegformerImageProcessorPil.from_pretrained(segmentation_model)
-        side = segmentation_size or (CPU_SEGMENTATION_SIZE if on_cpu else None)
-        if side:
-            self.processor.size = {"height": side, "width": side}
+        if segmentation_size:
+            self.processor.size = {"height": segmentation_size, "width": segmentation_size}
         self.segmenter = SegformerForSemanticSegmentation.from_pretrained(segmentation_model, dtype=self.dtype)
         self.segmenter.to(self.device).eval()
         self.embeddings = self._encode(background_model, list(dict.fromkeys(prompts)))

@@ -9,7 +9,7 @@ import torch
 from conftest import EXAMPLE_PHOTO
 from PIL import Image
 
-from backdrop import CPU_SEGMENTATION_SIZE, Backdrop
+from backdrop import Backdrop
 
 PROMPTS = ["a quiet beach at sunset", "a library with tall shelves"]
 
@@ -62,10 +62,9 @@ def test_the_pixel_cap_shrinks_the_backdrop_and_keeps_the_photos_shape(tiny_mode
     assert load(tiny_models, background_pixels=10**8).background_size(photo) == native.background_size(photo)
 
 
-def test_segmentation_input_side_defaults_by_device_and_can_be_set(tiny_models, photo) -> None:
+def test_segmentation_input_side_is_the_processors_unless_set(tiny_models, photo) -> None:
     default, small = load(tiny_models), load(tiny_models, segmentation_size=128)
-    expected = 512 if torch.cuda.is_available() else CPU_SEGMENTATION_SIZE
-    assert default.processor.size == {"height": expected, "width": expected}
+    assert default.processor.size == {"height": 512, "width": 512}
     assert small.processor.size == {"height": 128, "width": 128}
     pixels = small.processor(images=photo, return_tensors="pt")["pixel_values"]
     assert pixels.shape[-2:] == (128, 128)
