@@ -24,6 +24,9 @@ SEGMENTATION_MODEL = os.getenv("SEGMENTATION_MODEL", "mattmdjaga/segformer_b2_cl
 BACKGROUND_MODEL = os.getenv("BACKGROUND_MODEL", "stabilityai/sd-turbo")
 BACKGROUND_STEPS = int(os.getenv("BACKGROUND_STEPS", "1"))
 VAE_MODEL = os.getenv("VAE_MODEL") or None  # a tiny autoencoder (e.g. madebyollin/taesd) to decode with instead
+BACKGROUND_PIXELS = int(os.getenv("BACKGROUND_PIXELS") or 0) or None  # backdrop pixel cap; unset: by device
+SEGMENTATION_SIZE = int(os.getenv("SEGMENTATION_SIZE") or 0) or None  # SegFormer's input side; unset: its own
+CPU_DTYPE = os.getenv("CPU_DTYPE", "auto")  # float32, bfloat16, or auto: bfloat16 where the CPU has bf16 units
 QUEUE_MAX_SIZE = int(os.getenv("QUEUE_MAX_SIZE", "32"))
 GPU_CONCURRENCY = int(os.getenv("GPU_CONCURRENCY", "1"))  # GPU jobs at once: 1 on a dedicated GPU, more on ZeroGPU
 MAX_SIDE = int(os.getenv("MAX_SIDE", "1024"))
@@ -69,6 +72,11 @@ def background_prompt(category: str, gender: str) -> str:
         f"{SCENES[category]}, an empty backdrop for a {category} portrait of a {PEOPLE[gender]}, "
         "no people, photorealistic, shallow depth of field"
     )
+
+
+def all_prompts() -> list[str]:
+    """Every prompt a request can ask for: the models encode each once, at load."""
+    return [background_prompt(category, gender) for category in SCENES for gender in PEOPLE]
 
 
 def _check_choice(value: str, choices: dict[str, str], what: str) -> None:
@@ -182,6 +190,16 @@ if __name__ == "__main__":
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    app = create_app(Backdrop(SEGMENTATION_MODEL, BACKGROUND_MODEL, steps=BACKGROUND_STEPS, vae_model=VAE_MODEL))
+    models = Backdrop(
+        SEGMENTATION_MODEL,
+        BACKGROUND_MODEL,
+        steps=BACKGROUND_STEPS,
+        vae_model=VAE_MODEL,
+        prompts=all_prompts(),
+        background_pixels=BACKGROUND_PIXELS,
+        segmentation_size=SEGMENTATION_SIZE,
+        cpu_dtype=CPU_DTYPE,
+    )
+    app = create_app(models)
     serve(app)
     app.block_thread()

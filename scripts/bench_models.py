@@ -1,15 +1,22 @@
 """Time one 1024x768 request stage by stage on full-size random-weight models, on this machine's CPU.
 
-    python scripts/bench.py models --full-size DIR [--runs 2] [--app both|full|tiny|none]
+    python scripts/bench.py models --full-size DIR [--runs 2] [--app both|full|tiny|none] [--device cpu|cuda]
+    python scripts/bench.py models --full-size DIR --compare ROOT   # ROOT: a checkout of main, say
+
+With --compare, only the app with taesd: ROOT's private_space/app.py, then this checkout's, one after the other
+in this one run, and the ratio of their times and peak RSS (the load average before and after). With --device
+cuda (on a machine with a CUDA GPU) the stages run in float16 and are printed in milliseconds, and each app run
+adds 8 jobs submitted at once at GPU_CONCURRENCY 1: requests per second with a queue.
 
 DIR holds what `scripts/make_full_size_models.py --out DIR` writes (built there first if missing): SegFormer-B2 and
 sd-turbo at their real sizes, random weights, plus taesd's AutoencoderTiny. Prints, from one run:
-- in this process, with the real `backdrop.Backdrop` (float32 on CPU) and timers around each model call:
+- in this process, with the real `backdrop.Backdrop` (its defaults for the device) and timers around each model call:
   segmentation, text encoding, each UNet step, the decode (full VAE, then AutoencoderTiny via `vae_model`), the
   rest of the pipeline, the app's compositing (overlay + composite) and the WebP encoding of its three pictures;
   the last of `--runs` renders counts (the first warms the CPU kernels up);
 - the private app itself (`private_space/app.py` on these folders, unchanged; with the full VAE, then with
-  `VAE_MODEL` set to the tiny one): its warm-up, one `predict_api` call with the 1024x768 JPEG, its peak RSS.
+  `VAE_MODEL` set to the tiny one): its warm-up, one `predict_api` call with the 1024x768 JPEG, its peak RSS
+  from start.
 Everything runs at `nice` 10: the machine is shared. Expect several minutes and about 7 GB of memory.
 """
 
@@ -45,6 +52,14 @@ def jpeg_request() -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so that a stage's wall time is its own (nothing on CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 class StageTimer:
     """Wall time of each call to the wrapped callables, by stage name."""
 
@@ -55,10 +70,12 @@ class StageTimer:
         original: Callable[..., object] = getattr(owner, attribute)
 
         def timed(*args: object, **kwargs: object) -> object:
+            synchronize()
             started = time.perf_counter()
             try:
                 return original(*args, **kwargs)
             finally:
+                synchronize()
                 self.times[stage].append(time.perf_counter() - started)
 
         setattr(owner, attribute, timed)  # an instance attribute: shadows the method for this object only
@@ -106,13 +123,16 @@ def time_stages(models: Path, runs: int, vae_model: str | None) -> tuple[dict[st
     stages["rest of the pipeline (scheduler, tensor -> image)"] = render_s - in_model
     stages["render (all model work)"] = render_s
     stages["loading the models"] = load_s
+    stages["dtype"] = str(model.dtype).removeprefix("torch.")
     del model
     gc.collect()
     return stages, background.size
 
 
-def run_app(models: Path, vae_model: str | None) -> None:
-    """The private app's own entry point on the folders: warm-up, one 1024x768 JPEG call, peak RSS."""
+def run_app(models: Path, vae_model: str | None, root: Path = ROOT, waiting: int = 0) -> tuple[float, float]:
+    """The private app's own entry point (`root`/private_space/app.py) on the folders: warm-up, one 1024x768 JPEG
+    call, peak RSS from start (sampled every 0.1 s); with `waiting`, that many jobs submitted at once after it
+    (GPU_CONCURRENCY 1: requests per second with a queue). Returns (seconds of the call, peak RSS in GiB)."""
     from gradio_client import Client
 
     token, port = secrets.token_urlsafe(16), free_port()
@@ -124,8 +144,9 @@ def run_app(models: Path, vae_model: str | None) -> None:
         "BACKEND_TOKEN": token,
         "GRADIO_SERVER_PORT": str(port),
         "HF_HUB_OFFLINE": "1",
+        "GPU_CONCURRENCY": "1",
     }
-    command = [sys.executable, str(ROOT / "private_space" / "app.py")]
+    command = [sys.executable, str(root / "private_space" / "app.py")]
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -142,15 +163,34 @@ def run_app(models: Path, vae_model: str | None) -> None:
             started = time.perf_counter()
             status = client.predict(request, *PROMPT_CHOICE, api_name=API)[3]
             took = time.perf_counter() - started
+            if waiting:
+                started = time.perf_counter()
+                jobs = [client.submit(request, *PROMPT_CHOICE, api_name=API) for _ in range(waiting)]
+                for job in jobs:
+                    job.result()
+                queue_s = time.perf_counter() - started
             client.close()
     finally:
         process.kill()
         process.wait()
     which = "AutoencoderTiny" if vae_model else "full VAE"
-    print(f"\nthe private app (python private_space/app.py on {models}, {which}):")
+    print(f"\nthe private app ({root / 'private_space' / 'app.py'} on {models}, {which}):")
     print(f"  start + warm-up (384x384 photo): {ready_s:.1f} s; {warm_up}")
-    print(f"  one predict_api call, 1024x768 JPEG: {took:.1f} s at the caller ({status})")
-    print(f"  peak RSS: {max(rss.samples) / 2**30:.2f} GiB")
+    print(f"  one predict_api call, 1024x768 JPEG: {1000 * took:.0f} ms at the caller ({status})")
+    if waiting:
+        print(f"  {waiting} jobs at once, GPU_CONCURRENCY 1: {waiting / queue_s:.2f} requests/s ({queue_s:.1f} s)")
+    peak = max(rss.samples) / 2**30
+    print(f"  peak RSS, from start: {peak:.2f} GiB")
+    return took, peak
+
+
+def compare(models: Path, other: Path) -> None:
+    """Today's app at `other` (a checkout of main, say) and this checkout's, one after the other, with taesd."""
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    before = run_app(models, str(models / "vae-tiny"), other)
+    after = run_app(models, str(models / "vae-tiny"))
+    print(f"\nthis checkout / {other}: time {after[0] / before[0]:.0%}, peak RSS {after[1]:.2f} / {before[1]:.2f} GiB")
+    print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
 def main(argv: list[str]) -> None:
@@ -158,6 +198,8 @@ def main(argv: list[str]) -> None:
         prog="bench.py models", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--full-size", type=Path, required=True, metavar="DIR", help="full-size model folders")
+    parser.add_argument("--compare", type=Path, metavar="ROOT", help="only the app, ROOT's then this checkout's")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cuda: fp16 stages, the app, req/s")
     parser.add_argument("--runs", type=int, default=2, help="renders per decoder; the last one is reported")
     parser.add_argument(
         "--app", choices=("both", "full", "tiny", "none"), default="both", help="the app itself, with which decoder"
@@ -169,18 +211,26 @@ def main(argv: list[str]) -> None:
         build = [sys.executable, str(ROOT / "scripts" / "make_full_size_models.py"), "--out", str(models)]
         subprocess.run(build, check=True)
 
+    if args.compare:
+        compare(models, args.compare)
+        return
     import torch
 
-    print(f"CPU: {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} threads, float32")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"{where}, torch {torch.__version__} with {torch.get_num_threads()} threads")
     full, size = time_stages(models, args.runs, None)
     tiny, _ = time_stages(models, args.runs, str(models / "vae-tiny"))
-    print(f"one 1024x768 JPEG request, background {size[0]}x{size[1]}, 1 step:")
-    print(f"  {'stage':52} {'full VAE':>9} {'taesd':>9}")
+    print(f"one 1024x768 JPEG request, background {size[0]}x{size[1]}, 1 step, in {tiny.pop('dtype')}:")
+    full.pop("dtype")
+    print(f"  {'stage':52} {'full VAE':>10} {'taesd':>10}")
     for stage, seconds in full.items():
-        print(f"  {stage:52} {seconds:8.2f}s {tiny[stage]:8.2f}s")
+        print(f"  {stage:52} {1000 * seconds:8.0f}ms {1000 * tiny[stage]:8.0f}ms")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(f"  peak RSS of this process (both loads, one after the other): {peak:.2f} GiB")
+    waiting = 8 if args.device == "cuda" else 0
     if args.app in ("both", "full"):
-        run_app(models, None)
+        run_app(models, None, waiting=waiting)
     if args.app in ("both", "tiny"):
-        run_app(models, str(models / "vae-tiny"))
+        run_app(models, str(models / "vae-tiny"), waiting=waiting)

@@ -20,7 +20,7 @@ from gradio_client import Client
 from make_tiny_models import LABELS, clip_tokenizer
 from PIL import Image
 
-from backdrop import GPU_DURATION_S, Backdrop, _render_duration, background_size, gpu_seconds
+from backdrop import GPU_DURATION_S, Backdrop, _render_duration, background_size, cpu_has_bfloat16, gpu_seconds
 
 PROMPT = "a quiet beach at sunset"
 
@@ -100,8 +100,12 @@ def test_class_names_follow_class_ids_with_background_first(backdrop: Backdrop) 
     assert backdrop.class_names == LABELS
 
 
-def test_cuda_runs_in_float16_and_cpu_in_float32(backdrop: Backdrop) -> None:
-    device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+def cpu_dtype() -> torch.dtype:
+    return torch.bfloat16 if cpu_has_bfloat16() else torch.float32
+
+
+def test_cuda_runs_in_float16_and_cpu_in_bfloat16_where_it_has_bf16_units(backdrop: Backdrop) -> None:
+    device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", cpu_dtype())
     assert backdrop.device.type == device
     assert backdrop.segmenter.dtype == dtype
     assert backdrop.pipe.unet.dtype == dtype
@@ -271,7 +275,7 @@ def test_load_logs_device_and_dtype_but_no_model_path(tiny_models: Path, caplog:
         Backdrop(str(tiny_models / "segmentation"), str(tiny_models / "background"))
     messages = [record.getMessage() for record in caplog.records if record.name == "backdrop"]
     assert len(messages) == 1
-    device, dtype = ("cuda", "float16") if torch.cuda.is_available() else ("cpu", "float32")
+    device, dtype = ("cuda", "float16") if torch.cuda.is_available() else ("cpu", str(cpu_dtype())[6:])
     assert device in messages[0]
     assert dtype in messages[0]
     assert str(tiny_models) not in messages[0]

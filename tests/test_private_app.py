@@ -345,7 +345,10 @@ def tiny_backend(private_app, tiny_models):
     """The real model code (`backdrop.Backdrop`), loaded through from_pretrained from the tiny local folders."""
     from backdrop import Backdrop
 
-    pipeline = Backdrop(str(tiny_models / "segmentation"), str(tiny_models / "background"), steps=2)
+    pipeline = Backdrop(
+        str(tiny_models / "segmentation"), str(tiny_models / "background"), steps=2, prompts=private_app.all_prompts()
+    )
+    assert pipeline.pipe.text_encoder is None  # as the app loads it: every prompt encoded once, at load
     with running(private_app.create_app(pipeline), private_app.serve, warm_up=False) as url:
         yield url
 
