@@ -21,11 +21,11 @@ import gradio as gr
 from PIL import Image, ImageOps
 from starlette.middleware import Middleware
 
-from backends import Backends
+from backends import RETRY_DOWN_S, Backends
 from files import EXAMPLE_ROUTE, Files, FilesMiddleware
 from guard import launch_guarded
 from photo_rules import PhotoError, load_photo, open_photo
-from relay import FAILED, RETRY_DOWN_S, Backend, Finished, Queued, RelayError, Running, Update, Waking
+from relay import FAILED, Finished, Queued, RelayError, Running, Update, Waking
 from visitors import FairShare, visitor_of
 
 BACKEND = [target.strip() for target in os.getenv("BACKEND", "").split(",") if target.strip()]  # Space ids or URLs
@@ -146,9 +146,7 @@ async def ticking(updates: AsyncIterator[Update]) -> AsyncIterator[Update | None
 Outputs = tuple[str | None, str | None, str]  # overlay file, result file, status line
 
 
-def check_request(
-    backend: Backend | Backends | None, image: dict[str, Any] | None, category: str, gender: str
-) -> None:
+def check_request(backend: Backends | None, image: dict[str, Any] | None, category: str, gender: str) -> None:
     """Refuse (gr.Error) a request that cannot be relayed, with the sentence that says why."""
     if backend is None:
         raise gr.Error(NOT_CONFIGURED, print_exception=False)
@@ -184,7 +182,7 @@ async def read_upload(
 
 
 def relay_endpoint(
-    backend: Backend | Backends | None,
+    backend: Backends | None,
     *,
     max_side: int,
     max_pixels: int,
@@ -252,7 +250,7 @@ def relay_endpoint(
 
 
 def create_app(
-    backend: Backend | Backends | None,
+    backend: Backends | None,
     *,
     max_side: int = MAX_SIDE,
     max_megapixels: float = MAX_MEGAPIXELS,

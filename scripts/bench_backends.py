@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from bench import API, CORES, PHOTO, ROOT, SSL, free_port, run_callers, start
 
 sys.path.insert(0, str(ROOT / "public_space"))
-from backends import Backends  # the public Space's own relay (no gradio)
-from relay import LOST, Backend
+from backends import Backend, Backends  # the public Space's own relay (no gradio)
+from relay import LOST
 
 QUIET = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
 ETA = re.compile(r"about (\d+(?:\.\d+)?) (s|min)")
