@@ -111,6 +111,10 @@ class Backdrop:
         multiple = math.lcm(8, scale * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1))
         return background_size(photo.width, photo.height, native=native, multiple=multiple)
 
+    def requested_gpu_seconds(self, photo: Image.Image) -> int:
+        """The ZeroGPU seconds `render` asks for with `photo` (spaces.GPU's duration), for the metrics."""
+        return gpu_seconds(self.steps, *self.background_size(photo))
+
     @spaces.GPU(duration=_render_duration)
     @torch.inference_mode()
     def render(

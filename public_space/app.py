@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from front_metrics import FrontMetrics, outcome_of
 from PIL import Image, ImageOps
 from starlette.middleware import Middleware
 
@@ -39,6 +40,7 @@ MAX_VISITORS = int(os.getenv("MAX_VISITORS", "256"))  # requests relayed at once
 MAX_JOBS_PER_VISITOR = int(os.getenv("MAX_JOBS_PER_VISITOR", "2"))  # waiting or running at once; 0: no limit
 VISITOR_RATE = os.getenv("VISITOR_RATE", "6/minute").strip()  # photos per visitor ("20/hour"…); empty: no limit
 TRUSTED_PROXY_HOPS = int(os.getenv("TRUSTED_PROXY_HOPS", "1"))  # proxies that append X-Forwarded-For; 0: none
+METRICS_TOKEN = os.getenv("METRICS_TOKEN") or None  # the maintainer's token for /metrics; unset: no such route
 KEEP_FILES_S = float(os.getenv("KEEP_FILES_S", "300"))  # the longest an unused upload or unfetched result stays
 DECODES_AT_ONCE = 2  # photos being decoded to be downscaled: each can take up to 4 bytes per pixel
 API_NAME = "predict_api"
@@ -181,7 +183,7 @@ async def read_upload(
         files.used(upload)
 
 
-def relay_endpoint(
+def relay_endpoint(  # noqa: PLR0915 - the metrics hooks; journey splits predict_api
     backend: Backends | None,
     *,
     max_side: int,
@@ -189,6 +191,7 @@ def relay_endpoint(
     fair_share: FairShare,
     trusted_hops: int,
     files: Files,
+    metrics: FrontMetrics,
 ) -> Callable[..., AsyncIterator[Outputs]]:
     """The endpoint: one visitor's request, held to their fair share, relayed to the backend as its own job."""
     outputs_dir = Path(tempfile.mkdtemp(prefix="backdrop-"))
@@ -200,51 +203,64 @@ def relay_endpoint(
         path.write_bytes(data)
         return str(path)
 
-    async def predict_api(
+    async def predict_api(  # noqa: PLR0912, PLR0915 - the metrics hooks, until predict_api is split
         image: dict[str, Any] | None, category: str, gender: str, request: gr.Request
     ) -> AsyncIterator[Outputs]:
         """Segment the person in the photo and composite them onto a generated backdrop, streaming the status."""
         progress = gr.Progress()
-        check_request(backend, image, category, gender)
-        visitor = visitor_of(request, trusted_hops)
-        if refusal := fair_share.admit(visitor):
-            raise gr.Error(refusal, print_exception=False)  # the upload stays (a while) for the next try
-        try:  # from here until the job is over, however it ends, the visitor holds one of their slots
-            if (upload := files.take(image["path"], visitor)) is None:
-                raise gr.Error(UPLOAD_AGAIN, print_exception=False)
-            photo = await read_upload(upload, files, decoding, max_side=max_side, max_pixels=max_pixels)
-        except BaseException:
-            fair_share.release(visitor)
-            raise
-        updates = backend.predict(photo, category, gender, ip_token=request.headers.get("x-ip-token"))
-        del photo  # the relay holds it until it is sent, and no longer
-        latest: Update | None = None
-        made: list[Path] = []
-        try:
-            async with contextlib.aclosing(ticking(updates)) as stream:
-                async for update in stream:
-                    latest = update or latest
-                    if isinstance(latest, Running) and latest.fraction is not None:
-                        progress(latest.fraction, desc=latest.desc)
-                    if isinstance(latest, Finished):
-                        made = [
-                            Path(save_picture(latest.overlay_b64, "overlay")),
-                            Path(save_picture(latest.result_b64, "result")),
-                        ]
-                        files.made(*(path.name for path in made))  # Gradio's cached copies go once fetched
-                        yield str(made[0]), str(made[1]), latest.status
-                        return
-                    yield None, None, describe(latest, time.monotonic())
-        except RelayError as error:
-            yield None, None, str(error)
-            raise gr.Error(str(error), print_exception=False) from None
-        except Exception as error:  # no traceback in the logs: it could carry the backend's address
-            logger.error("The relay failed with %s.", type(error).__name__)
-            raise gr.Error(FAILED, print_exception=False) from None
-        finally:
-            fair_share.release(visitor)
-            for path in made:  # Gradio has copied them into its cache by now
-                path.unlink(missing_ok=True)
+        with metrics.job() as counted:  # METRICS HOOK: the job's count, from here until it ends however it ends
+            try:
+                check_request(backend, image, category, gender)
+            except gr.Error:
+                if backend is not None:
+                    counted.refused("bad_input")  # METRICS HOOK: refused, bad input
+                raise
+            visitor = visitor_of(request, trusted_hops)
+            if refusal := fair_share.admit(visitor):
+                counted.refused(refusal.reason)  # METRICS HOOK: refused, "fair_share" (jobs at once) or "rate"
+                raise gr.Error(refusal, print_exception=False)  # the upload stays (a while) for the next try
+            try:  # from here until the job is over, however it ends, the visitor holds one of their slots
+                if (upload := files.take(image["path"], visitor)) is None:
+                    raise gr.Error(UPLOAD_AGAIN, print_exception=False)
+                photo = await read_upload(upload, files, decoding, max_side=max_side, max_pixels=max_pixels)
+            except BaseException as error:
+                fair_share.release(visitor)
+                if isinstance(error, gr.Error):
+                    counted.refused("bad_input")  # METRICS HOOK: the photo cannot be used
+                raise
+            updates = backend.predict(photo, category, gender, ip_token=request.headers.get("x-ip-token"))
+            del photo  # the relay holds it until it is sent, and no longer
+            latest: Update | None = None
+            made: list[Path] = []
+            try:
+                async with contextlib.aclosing(ticking(updates)) as stream:
+                    async for update in stream:
+                        latest = update or latest
+                        if isinstance(latest, Running):
+                            counted.run()  # METRICS HOOK: the backend started it (counted once)
+                        if isinstance(latest, Running) and latest.fraction is not None:
+                            progress(latest.fraction, desc=latest.desc)
+                        if isinstance(latest, Finished):
+                            made = [
+                                Path(save_picture(latest.overlay_b64, "overlay")),
+                                Path(save_picture(latest.result_b64, "result")),
+                            ]
+                            files.made(*(path.name for path in made))  # Gradio's cached copies go once fetched
+                            counted.done()  # METRICS HOOK: done (before the last yield: a visitor may leave there)
+                            yield str(made[0]), str(made[1]), latest.status
+                            return
+                        yield None, None, describe(latest, time.monotonic())
+            except RelayError as error:
+                counted.outcome = outcome_of(error)  # METRICS HOOK: queue full, refused input, lost or failed
+                yield None, None, str(error)
+                raise gr.Error(str(error), print_exception=False) from None
+            except Exception as error:  # no traceback in the logs: it could carry the backend's address
+                logger.error("The relay failed with %s.", type(error).__name__)
+                raise gr.Error(FAILED, print_exception=False) from None
+            finally:
+                fair_share.release(visitor)
+                for path in made:  # Gradio has copied them into its cache by now
+                    path.unlink(missing_ok=True)
 
     return predict_api
 
@@ -287,6 +303,7 @@ def create_app(
             with gr.Column(min_width=280):
                 overlay = gr.Image(label="Overlay", type="filepath", interactive=False, elem_id="overlay")
                 result = gr.Image(label="Result", type="filepath", interactive=False, elem_id="result")
+        metrics = FrontMetrics(backend, kept_bytes=lambda: getattr(files, "kept_bytes", 0))
         endpoint = relay_endpoint(
             backend,
             max_side=max_side,
@@ -294,6 +311,7 @@ def create_app(
             fair_share=FairShare(max_jobs_per_visitor, visitor_rate),
             trusted_hops=trusted_proxy_hops,
             files=files,
+            metrics=metrics,
         )
         job = run.click(
             endpoint,
@@ -308,6 +326,7 @@ def create_app(
         # Browser-only: fetch the example and hand it to the photo input as a real upload.
         example.click(None, js=_upload_example_js(), api_visibility="private")
     demo.queue(default_concurrency_limit=None)
+    demo.backdrop_metrics = metrics  # serve() serves them at /metrics to METRICS_TOKEN
     demo.backdrop_files = files  # serve() hands it to the middleware that sees uploads and deliveries
     return demo
 
@@ -329,7 +348,8 @@ def _upload_example_js() -> str:
 
 
 def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
-    """Launch `demo` behind the endpoint guard; returns once the server is up."""
+    """Launch `demo` behind the endpoint guard; returns once the server is up. With METRICS_TOKEN set, GET /metrics
+    with that token answers the maintainer's figures; without it there is no such route."""
     # Who a visitor is follows TRUSTED_PROXY_HOPS alone: uvicorn would otherwise take X-Forwarded-For from any
     # client on loopback as the address (an explicit FORWARDED_ALLOW_IPS still wins).
     os.environ.setdefault("FORWARDED_ALLOW_IPS", "")
@@ -338,8 +358,15 @@ def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
     # page reads none of them back, so only the visitors being served need theirs. (Its default keeps 10,000.)
     launch_kwargs.setdefault("state_session_capacity", MAX_VISITORS)
     files = Middleware(FilesMiddleware, files=demo.backdrop_files, example=EXAMPLE_PHOTO.read_bytes())
+    metrics = (METRICS_TOKEN, demo.backdrop_metrics.render) if METRICS_TOKEN else None
     launch_guarded(
-        demo, api_name=API_NAME, allow_uploads=True, max_file_size="20mb", middleware=[files], **launch_kwargs
+        demo,
+        api_name=API_NAME,
+        allow_uploads=True,
+        max_file_size="20mb",
+        middleware=[files],
+        metrics=metrics,
+        **launch_kwargs,
     )
 
 

@@ -53,6 +53,17 @@ def _network(address: str) -> str:
     return str(ip)
 
 
+class Refusal(str):
+    """A refusal's sentence for the visitor, with why (`reason`: "fair_share" or "rate") for the metrics."""
+
+    reason: str
+
+    def __new__(cls, sentence: str, reason: str) -> Refusal:
+        refusal = super().__new__(cls, sentence)
+        refusal.reason = reason
+        return refusal
+
+
 class FairShare:
     """At most `max_jobs` jobs per visitor waiting or running at once (0: no limit), and at most `rate` a window.
 
@@ -72,11 +83,13 @@ class FairShare:
         held = self.jobs.get(visitor, 0)
         if self.max_jobs and held >= self.max_jobs:
             photos = "photo" if held == 1 else "photos"
-            return f"You already have {held} {photos} in line. Please wait until one is done."
+            return Refusal(f"You already have {held} {photos} in line. Please wait until one is done.", "fair_share")
         if self.rate is not None and not self.limiter.hit(self.rate, visitor):
             reset = self.limiter.get_window_stats(self.rate, visitor).reset_time
             wait = max(1, math.ceil(reset - time.time()))
-            return f"You have sent too many photos in the last {self._window()}. Please try again in {wait} s."
+            return Refusal(
+                f"You have sent too many photos in the last {self._window()}. Please try again in {wait} s.", "rate"
+            )
         self.jobs[visitor] = held + 1
         return None
 
