@@ -11,6 +11,7 @@ from typing import Any, Literal, Protocol
 
 import gradio as gr
 import numpy as np
+from back_metrics import BackMetrics
 from gradio_client import Client
 from PIL import Image
 from starlette.middleware import Middleware
@@ -85,7 +86,7 @@ def _check_choice(value: str, choices: dict[str, str], what: str) -> None:
         raise gr.Error(f"Unknown {what} '{value}'. Choose one of {valid}.", print_exception=False)
 
 
-def create_app(
+def create_app(  # noqa: PLR0915 - the metrics hooks
     pipeline: Pipeline,
     *,
     gpu_concurrency: int = GPU_CONCURRENCY,
@@ -102,6 +103,7 @@ def create_app(
     """
     gate = GpuGate(gpu_concurrency)
     build = build_id([pipeline.settings, max_side])  # what its pictures depend on: see identity.py
+    metrics = BackMetrics(waiting=lambda: _waiting(demo, endpoint))
 
     async def predict_api(image_b64: str, category: Category, gender: Gender) -> tuple[str, str, str, str]:
         """Segment the person in the photo and composite them onto a generated backdrop.
@@ -113,23 +115,45 @@ def create_app(
         _check_choice(category, SCENES, "category")
         _check_choice(gender, PEOPLE, "gender")
         progress = gr.Progress()
+        metrics.running.inc()  # METRICS HOOK: one job served from here; its outcome is counted below
+        outcome = ("cancelled", "")
         try:
             async with gate.job() as job:  # the gate times each stage for the queue's estimates
                 photo = await asyncio.to_thread(decode, image_b64)
                 image = photo.image
                 prompt, seed = background_prompt(category, gender), seed_for(image, category, gender)
+                decoded = time.perf_counter()
+                if requested := getattr(pipeline, "requested_gpu_seconds", None):  # ZeroGPU's duration for it
+                    metrics.gpu_requested.inc(requested(image))
+
+                def on_gpu() -> tuple[np.ndarray, Image.Image]:
+                    metrics.wait_s.observe(time.perf_counter() - decoded)
+                    on = time.perf_counter()
+                    try:
+                        return pipeline.render(image, prompt, seed, progress)
+                    finally:
+                        metrics.gpu_used.inc(time.perf_counter() - on)
+
                 class_map, background = await job.run(
-                    lambda: pipeline.render(image, prompt, seed, progress),
-                    waiting=lambda: progress(0.0, desc="Waiting for the GPU"),
+                    on_gpu, waiting=lambda: progress(0.0, desc="Waiting for the GPU")
                 )
                 progress(0.95, desc="Compositing")
                 pictures = await asyncio.to_thread(finish, photo, class_map, background)
         except PhotoError as error:
+            outcome = ("refused", "bad_input")
             raise gr.Error(str(error), print_exception=False) from None
         except Exception as error:  # one line, no traceback: it could name paths or the model
+            outcome = ("failed", "")
             logger.error("A job failed with %s.", type(error).__name__)
             raise gr.Error(FAILED, print_exception=False) from None
-        return *pictures, f"Done in {time.perf_counter() - started:.1f} s"
+        else:
+            outcome = ("done", "")
+        finally:
+            metrics.running.dec()
+            metrics.jobs.labels(*outcome).inc()
+        finished = time.perf_counter()
+        metrics.run_s.observe(finished - started)
+        return *pictures, f"Done in {finished - started:.1f} s"
 
     def decode(image_b64: str) -> Photo:
         return decode_photo(
@@ -154,7 +178,15 @@ def create_app(
     demo.queue(max_size=queue_max_size, default_concurrency_limit=1)
     gate.install(demo._queue, endpoint)  # ETAs follow the GPU (see gpu_gate), from the first finished job on
     demo.backdrop_build = build  # serve() says it on every response (identity.py)
+    demo.backdrop_metrics = metrics  # serve() serves them at /metrics to the token
     return demo
+
+
+def _waiting(demo: gr.Blocks, fn: Any) -> float:
+    """Jobs in Gradio's queue for `fn`, not yet started."""
+    queue = getattr(demo, "_queue", None)
+    waiting = queue.event_queue_per_concurrency_id.get(fn.concurrency_id) if queue is not None else None
+    return float(len(waiting.queue)) if waiting is not None else 0.0
 
 
 def serve(demo: gr.Blocks, *, token: str | None = BACKEND_TOKEN, warm_up: bool = True, **launch_kwargs: Any) -> None:
@@ -166,7 +198,16 @@ def serve(demo: gr.Blocks, *, token: str | None = BACKEND_TOKEN, warm_up: bool =
     limit = int(MAX_UPLOAD_MB * 2**20 * 2) + 2**20
     launch_kwargs.setdefault("state_session_capacity", KEPT_SESSIONS)
     build = Middleware(BuildHeader, build=demo.backdrop_build)
-    launch_guarded(demo, api_name=API_NAME, token=token, max_body_bytes=limit, middleware=[build], **launch_kwargs)
+    metrics = (token, demo.backdrop_metrics.render) if token else None  # /metrics: the maintainer's token only
+    launch_guarded(
+        demo,
+        api_name=API_NAME,
+        token=token,
+        max_body_bytes=limit,
+        middleware=[build],
+        metrics=metrics,
+        **launch_kwargs,
+    )
     if warm_up:
         threading.Thread(target=run_warm_up, args=(demo.local_url, token), daemon=True, name="warm-up").start()
 

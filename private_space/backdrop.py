@@ -192,6 +192,10 @@ class Backdrop:
             raise ValueError("This prompt was not among those encoded at load.")
         return {"prompt_embeds": self.embeddings[prompt]}
 
+    def requested_gpu_seconds(self, photo: Image.Image) -> int:
+        """The ZeroGPU seconds `render` asks for with `photo` (spaces.GPU's duration), for the metrics."""
+        return gpu_seconds(self.steps, *self.background_size(photo))
+
     @spaces.GPU(duration=_render_duration)
     @torch.inference_mode()
     def render(

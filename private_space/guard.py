@@ -38,6 +38,7 @@ TOKENLESS = {f"{API}/startup-events"}
 HARMLESS_POSTS = {f"{API}/cancel", f"{API}/reset"}
 # /gradio_api/call/NAME[/EVENT_ID], /gradio_api/call/v2/NAME[/EVENT_ID], /gradio_api/run/NAME, /gradio_api/api/NAME
 NAMED_ROUTE = re.compile(rf"^{API}/(call|run|api)(/.*)?$")
+METRICS = "/metrics"  # the maintainer's read-only figures: served only with the metrics token, else unknown
 LOG_EVERY_S = 10.0  # at most one log line per kind of refusal or failure in this time: a flood cannot fill the log
 
 
@@ -59,8 +60,10 @@ class EndpointGuard:
         allow_uploads: bool = False,
         max_body_bytes: int = 32 * 1024 * 1024,
         check_data: Callable[[Any], bool] | None = None,
+        metrics: tuple[str, Callable[[], tuple[bytes, str]]] | None = None,
     ) -> None:
         self.app = app
+        self.metrics = (metrics[0].encode(), metrics[1]) if metrics else None
         self.check_data = check_data
         self.fn_indices = frozenset(fn_indices)
         if not self.fn_indices:
@@ -78,7 +81,12 @@ class EndpointGuard:
             await send({"type": "websocket.close", "code": 1008})
         else:
             refusal, receive = await self._check(scope, receive)
-            if refusal is None:
+            if refusal is None and self._metrics_asked(scope):
+                body, content_type = self.metrics[1]()
+                headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
+                await send({"type": "http.response.start", "status": 200, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+            elif refusal is None:
                 await self._serve(scope, receive, send)
             else:
                 self.log.note(str(refusal[0]), "Refused %s %s: %s", scope["method"], _shown(scope), refusal[1])
@@ -134,13 +142,19 @@ class EndpointGuard:
             return parts[0] == self.api_name and len(parts) <= 2
         return method in SAFE_METHODS or path in HARMLESS_POSTS
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _authorized(self, scope: Scope, token: bytes | None = None) -> bool:
         headers = dict(scope["headers"])
         for name in (b"x-hf-authorization", b"authorization"):
             scheme, _, value = headers.get(name, b"").partition(b" ")
-            if scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self.token or b""):
+            if scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), token or self.token or b""):
                 return True
         return False
+
+    def _metrics_asked(self, scope: Scope) -> bool:
+        """A GET of /metrics with the metrics token; any other request for it goes on as for an unknown route."""
+        if self.metrics is None or scope["method"] != "GET" or _route_path(scope) != METRICS:
+            return False
+        return self._authorized(scope, self.metrics[0])
 
 
 def launch_guarded(
@@ -151,10 +165,12 @@ def launch_guarded(
     allow_uploads: bool = False,
     max_body_bytes: int = 32 * 1024 * 1024,
     middleware: Sequence[Middleware] = (),
+    metrics: tuple[str, Callable[[], tuple[bytes, str]]] | None = None,
     **launch_kwargs: Any,
 ) -> None:
     """Launch `blocks` (a gr.Blocks) behind the guard, hardened, and return once it serves.
 
+    `metrics`: (token, render) to serve GET /metrics with `render()`'s (body, content type) to that token only.
     `middleware`: further ASGI middleware, inside the guard (it sees only the requests the guard lets through).
 
     `GRADIO_SERVER_NAME` and `GRADIO_SERVER_PORT` apply as in any Gradio app; ZeroGPU's launch hook still runs.
@@ -168,6 +184,7 @@ def launch_guarded(
         allow_uploads=allow_uploads,
         max_body_bytes=max_body_bytes,
         check_data=_fits(endpoints[0].inputs, Path(blocks.GRADIO_CACHE)) if endpoints else None,
+        metrics=metrics,
     )
     blocks.launch(
         app_kwargs={"middleware": [guard, *middleware]},

@@ -19,16 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from front_metrics import FrontMetrics, Job, outcome_of
 from gradio.data_classes import ImageData
 from PIL import Image, ImageOps
 from starlette.middleware import Middleware
 
-from backends import Backends
+from backends import RETRY_DOWN_S, Backends
 from files import EXAMPLE_ROUTE, Files, FilesMiddleware
 from guard import launch_guarded
 from pacing import Pacer, Tail, ticking
 from photo_rules import PhotoError, load_photo, open_photo
-from relay import FAILED, RETRY_DOWN_S, Backend, Finished, Queued, RelayError, Running, Update, Waking
+from relay import FAILED, Finished, Queued, RelayError, Running, Update, Waking
 from results import Results
 from sign_in import available, sign_in_button
 from visitors import FairShare, Refused, visitor_of
@@ -45,6 +46,7 @@ MAX_VISITORS = int(os.getenv("MAX_VISITORS", "256"))  # requests relayed at once
 MAX_JOBS_PER_VISITOR = int(os.getenv("MAX_JOBS_PER_VISITOR", "2"))  # waiting or running at once; 0: no limit
 VISITOR_RATE = os.getenv("VISITOR_RATE", "6/minute").strip()  # photos per visitor ("20/hour"…); empty: no limit
 TRUSTED_PROXY_HOPS = int(os.getenv("TRUSTED_PROXY_HOPS", "1"))  # proxies that append X-Forwarded-For; 0: none
+METRICS_TOKEN = os.getenv("METRICS_TOKEN") or None  # the maintainer's token for /metrics; unset: no such route
 KEEP_FILES_S = float(os.getenv("KEEP_FILES_S", "600"))  # uploads and results stay this long after their last use
 FILES_QUOTA_MB = float(os.getenv("FILES_QUOTA_MB", "2048"))  # all kept files; past it the least recently used go
 VISITOR_FILES_MB = float(os.getenv("VISITOR_FILES_MB", "100"))  # one visitor's kept uploads; past it: refused
@@ -141,9 +143,7 @@ def picture_suffix(data: bytes) -> str:
 Outputs = tuple[Any, Any, str]  # overlay, result (as Gradio sends files; or "keep as it is"), status line
 
 
-def check_request(
-    backend: Backend | Backends | None, image: dict[str, Any] | None, category: str, gender: str
-) -> None:
+def check_request(backend: Backends | None, image: dict[str, Any] | None, category: str, gender: str) -> None:
     """Refuse (gr.Error) a request that cannot be relayed, with the sentence that says why."""
     if backend is None:
         raise gr.Error(NOT_CONFIGURED, print_exception=False)
@@ -185,7 +185,7 @@ def sentence_of(error: Exception) -> str:
 
 
 def relay_endpoint(
-    backend: Backend | Backends | None,
+    backend: Backends | None,
     *,
     max_side: int,
     max_pixels: int,
@@ -193,6 +193,7 @@ def relay_endpoint(
     trusted_hops: int,
     files: Files,
     results: Results,
+    metrics: FrontMetrics,
 ) -> Callable[..., AsyncIterator[Outputs]]:
     """The endpoint: one visitor's request, held to their fair share, relayed to the backend as its own job."""
     decoding = asyncio.Semaphore(DECODES_AT_ONCE)
@@ -206,19 +207,21 @@ def relay_endpoint(
         # in the status line (an error would put "Error" over the pictures); any other caller gets the error.
         on_page = request.headers.get("x-gradio-user") == "app"  # what Gradio's own page sends with each run
         keep = gr.skip() if on_page else None
-        try:
-            async with contextlib.aclosing(run(image, category, gender, request, keep)) as outputs:
-                async for each in outputs:
-                    yield each
-            return
-        except Exception as error:  # not BaseException: a cancel (Stop, a visitor gone) ends the run as it is
-            sentence = sentence_of(error)
+        with metrics.job() as counted:  # counted from here until it ends, however it ends (front_metrics.py)
+            try:
+                async with contextlib.aclosing(run(image, category, gender, request, keep=keep, counted=counted)) as outputs:
+                    async for each in outputs:
+                        yield each
+                return
+            except Exception as error:  # not BaseException: a cancel (Stop, a visitor gone) ends the run as it is
+                counted.outcome = outcome_of(error) if backend is not None else ("failed", "")
+                sentence = sentence_of(error)
         if not on_page:
             raise gr.Error(sentence, print_exception=False)
         yield keep, keep, sentence
 
     async def run(
-        image: dict[str, Any] | None, category: str, gender: str, request: gr.Request, keep: Any
+        image: dict[str, Any] | None, category: str, gender: str, request: gr.Request, *, keep: Any, counted: Job
     ) -> AsyncIterator[Outputs]:
         check_request(backend, image, category, gender)
         visitor = visitor_of(request, trusted_hops)
@@ -239,9 +242,12 @@ def relay_endpoint(
                     if not pacer.arrived(update, now):
                         continue
                     latest = pacer.latest
+                    if isinstance(latest, Running):
+                        counted.run()  # the backend started it (counted once)
                     if isinstance(latest, Running) and latest.fraction is not None:
                         progress(latest.fraction, desc=latest.desc)
                     if isinstance(latest, Finished):
+                        counted.done()  # before the last yield: a visitor may leave there
                         yield save_results(latest)
                         tail.add(time.monotonic() - now)  # Gradio has copied, and sent, the pictures
                         return
@@ -268,7 +274,7 @@ def picture(path: Path) -> dict[str, Any]:
 
 
 def create_app(
-    backend: Backend | Backends | None,
+    backend: Backends | None,
     *,
     max_side: int = MAX_SIDE,
     max_megapixels: float = MAX_MEGAPIXELS,
@@ -300,6 +306,7 @@ def create_app(
             trusted_hops=trusted_proxy_hops,
             gradio_sets=demo.temp_file_sets,
         )
+        metrics = FrontMetrics(backend, kept_bytes=lambda: files.kept_bytes)
         gr.Markdown("# Backdrop\nUpload a portrait, pick a style, and get a new background behind the person.")
         if sign_in:  # issue 13, item 6: a signed-in visitor's fair share is their own
             sign_in_button(size="sm", elem_id="sign-in")
@@ -326,6 +333,7 @@ def create_app(
             fair_share=FairShare(max_jobs_per_visitor, visitor_rate, sign_in=sign_in),
             trusted_hops=trusted_proxy_hops,
             files=files,
+            metrics=metrics,
             results=Results(  # result cache (issue 13, item 5): the example's results are everyone's
                 max_entries=result_cache_entries,
                 max_bytes=int(result_cache_mb * 2**20),
@@ -347,6 +355,7 @@ def create_app(
         example.click(None, js=_upload_example_js(), api_visibility="private")
         demo.load(None, js=poll_js("wait"), api_visibility="private")  # browser-only: it polls a read-only route
     demo.queue(default_concurrency_limit=None)
+    demo.backdrop_metrics = metrics  # serve() serves them at /metrics to METRICS_TOKEN
     demo.backdrop_files = files  # serve() hands it to the middleware that sees uploads and deliveries
     demo.backdrop_line = lambda: line_now(backend, about)  # ... and this to the one that serves the wait
     return demo
@@ -381,8 +390,15 @@ def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
         sys.modules.setdefault("matplotlib", None)  # a failed import then costs nothing instead of a path search
     files = Middleware(FilesMiddleware, files=demo.backdrop_files, example=EXAMPLE_PHOTO.read_bytes())
     wait = Middleware(WaitMiddleware, figure=demo.backdrop_line)
+    metrics = (METRICS_TOKEN, demo.backdrop_metrics.render) if METRICS_TOKEN else None
     launch_guarded(
-        demo, api_name=API_NAME, allow_uploads=True, max_file_size="20mb", middleware=[files, wait], **launch_kwargs
+        demo,
+        api_name=API_NAME,
+        allow_uploads=True,
+        max_file_size="20mb",
+        middleware=[files, wait],
+        metrics=metrics,
+        **launch_kwargs,
     )
 
 

@@ -26,7 +26,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from backends import Backends
-from relay import Backend, Finished, Update
+from relay import Finished, Update
 
 EVERYONE = "everyone"  # the scope of the example photo's results
 AGAIN = "Done · this photo with these choices was made before, so here it is again at once."
@@ -50,7 +50,7 @@ class Results:
         return digest, category, gender, EVERYONE if digest == self.example else visitor
 
     async def predict(
-        self, backend: Backend | Backends, photo: bytes, category: str, gender: str, visitor: str, **kwargs: str | None
+        self, backend: Backends, photo: bytes, category: str, gender: str, visitor: str, **kwargs: str | None
     ) -> AsyncIterator[Update]:
         """`backend.predict(photo, category, gender, **kwargs)`, or the kept result when there is one for a build
         that a backend up now has; a new result is kept on its way to the visitor."""
@@ -87,8 +87,7 @@ def _size(entry: Finished) -> int:
     return len(entry.overlay_b64) + len(entry.result_b64)
 
 
-async def builds_now(backend: Backend | Backends) -> set[str]:
+async def builds_now(backend: Backends) -> set[str]:
     """The build ids that the backends up now say they have (each asked once, all at once)."""
-    pool = backend.backends if isinstance(backend, Backends) else [backend]
-    said = await asyncio.gather(*(one.current_build() for one in pool if not one.down))
+    said = await asyncio.gather(*(one.current_build() for one in backend.backends if not one.down))
     return {build for build in said if build}

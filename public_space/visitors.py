@@ -57,8 +57,23 @@ def _network(address: str) -> str:
     return str(ip)
 
 
+class Refusal(str):
+    """A refusal's sentence for the visitor, with why (`reason`: "fair_share" or "rate") for the metrics."""
+
+    reason: str
+
+    def __new__(cls, sentence: str, reason: str) -> Refusal:
+        refusal = super().__new__(cls, sentence)
+        refusal.reason = reason
+        return refusal
+
+
 class Refused(Exception):
-    """A request turned away; its message is the sentence that says why (and when to try again)."""
+    """A request turned away: its message is the sentence that says why (and when to try again)."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(str(refusal))
+        self.reason = refusal.reason
 
 
 class FairShare:
@@ -77,22 +92,24 @@ class FairShare:
         self.limiter = SlidingWindowCounterRateLimiter(MemoryStorage())
         self.jobs: dict[str, int] = {}
 
-    def admit(self, visitor: str) -> str | None:
+    def admit(self, visitor: str) -> Refusal | None:
         """Take a job slot for `visitor` and return None, or return the sentence that says why not and when."""
         refusal = self._refusal(visitor)
         if refusal is not None and self.sign_in and visitor.startswith("address "):
-            return f"{refusal} {SHARED_ADDRESS}"
+            return Refusal(f"{refusal} {SHARED_ADDRESS}", refusal.reason)
         return refusal
 
-    def _refusal(self, visitor: str) -> str | None:
+    def _refusal(self, visitor: str) -> Refusal | None:
         held = self.jobs.get(visitor, 0)
         if self.max_jobs and held >= self.max_jobs:
             photos = "photo" if held == 1 else "photos"
-            return f"You already have {held} {photos} in line. Please wait until one is done."
+            return Refusal(f"You already have {held} {photos} in line. Please wait until one is done.", "fair_share")
         if self.rate is not None and not self.limiter.hit(self.rate, visitor):
             reset = self.limiter.get_window_stats(self.rate, visitor).reset_time
             wait = max(1, math.ceil(reset - time.time()))
-            return f"You have sent too many photos in the last {self._window()}. Please try again in {wait} s."
+            return Refusal(
+                f"You have sent too many photos in the last {self._window()}. Please try again in {wait} s.", "rate"
+            )
         self.jobs[visitor] = held + 1
         return None
 

@@ -1,7 +1,7 @@
 """The wait before you run: how long the line is now, as a read-only JSON route the page polls from the browser.
 
 The figure comes from what the front already knows of its backends (the jobs it has out to each, and when each
-backend said they would finish: `Backends.ranked`, `Backend.expected_finish`), so no viewer costs a backend call.
+backend said they would finish: `Backends.ranked`, `Figures.expected_finish`), so no viewer costs a backend call.
 It is a plain GET served by this middleware, not a Gradio event, so it can run nothing (invariant 2), and it
 carries counts and seconds only, never a visitor's data.
 """
@@ -14,25 +14,23 @@ from collections.abc import Callable
 
 from backends import Backends
 from guard import Receive, Scope, Send
-from relay import Backend
 
 WAIT_ROUTE = "/backdrop/wait"
 POLL_S = 5  # how often an open page asks again
 NO_WAIT = "No wait right now"
 
 
-def line_now(backend: Backend | Backends | None, about: Callable[[float], str]) -> dict[str, object]:
+def line_now(pool: Backends | None, about: Callable[[float], str]) -> dict[str, object]:
     """{"ahead": photos sent and not finished, "seconds": until a photo sent now would be done or None, "text"}."""
-    pool = backend if isinstance(backend, Backends) or backend is None else Backends([backend])
     if pool is None:
         return {"ahead": 0, "seconds": None, "text": ""}
-    ahead = sum(len(one.jobs) for one in pool.backends)
+    ahead = sum(len(one.figures.jobs) for one in pool.backends)
     if not ahead:
         return {"ahead": 0, "seconds": 0, "text": NO_WAIT}
     now = time.monotonic()
-    known = [one.gap for one in pool.backends if one.gap]
+    known = [one.figures.gap for one in pool.backends if one.figures.gap]
     best = pool.ranked(now)[0]
-    seconds = round(best.expected_finish(now, min(known)), 1) if known else None
+    seconds = round(best.figures.expected_finish(now, min(known)), 1) if known else None
     photos = "1 photo ahead" if ahead == 1 else f"{ahead} photos ahead"
     return {"ahead": ahead, "seconds": seconds, "text": photos if seconds is None else f"{photos} · {about(seconds)}"}
 

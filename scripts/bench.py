@@ -120,6 +120,30 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def counting_cost(jobs: int = 20000) -> tuple[float, float]:
+    """(µs the public app's counting adds to one job, ms of one /metrics render with one backend), in this process.
+
+    Timed here rather than as a difference of two relayed runs: a job's counting is a few microseconds, far below
+    the run-to-run spread of a ~100 ms relayed call, which a side-by-side difference would only measure as noise.
+    """
+    sys.path.insert(0, str(ROOT / "public_space"))
+    from front_metrics import FrontMetrics
+
+    from backends import Backends
+
+    metrics = FrontMetrics(Backends.connect(["http://127.0.0.1:9/"], None))
+    started = time.perf_counter()
+    for _ in range(jobs):
+        with metrics.job() as job:
+            job.run()
+            job.done()
+    per_job = (time.perf_counter() - started) / jobs
+    started = time.perf_counter()
+    for _ in range(200):
+        metrics.render()
+    return 1e6 * per_job, 1000 * (time.perf_counter() - started) / 200
+
+
 def latency(calls: int, token: str) -> None:
     from gradio_client import Client, handle_file
 
@@ -149,6 +173,11 @@ def latency(calls: int, token: str) -> None:
             [u - d for u, d in zip(times["unfetched"], times["direct"], strict=True)], 0.5
         )
         print(f"  of which the relay, without downloading the two result files: {unfetched_ms:.1f} ms p50")
+        per_job_us, render_ms = counting_cost()
+        print(
+            f"  of which counting (metrics): {per_job_us:.1f} µs per job ({100 * per_job_us / 1000 / added_ms:.3f} % "
+            f"of the p95 added latency above); one /metrics scrape: {render_ms:.2f} ms"
+        )
     finally:
         for process in processes:
             process.kill()

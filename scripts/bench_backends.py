@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from bench import API, CORES, PHOTO, ROOT, SSL, free_port, run_callers, start
 
 sys.path.insert(0, str(ROOT / "public_space"))
-from backends import Backends  # the public Space's own relay (no gradio)
-from relay import LOST, Backend
+from backends import Backend, Backends  # the public Space's own relay (no gradio)
+from relay import LOST
 
 QUIET = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
 ETA = re.compile(r"about (\d+(?:\.\d+)?) (s|min)")
@@ -142,10 +142,10 @@ def relay_alone(backends: Sequence[str], callers: int, token: str) -> tuple[floa
             return time.monotonic()
 
         await asyncio.gather(*(one() for _ in range(2 * len(backends))))
-        before = [backend.finished for backend in pool.backends]
+        before = [backend.figures.finished for backend in pool.backends]
         started = time.monotonic()
         makespan = max(await asyncio.gather(*(one() for _ in range(callers)))) - started
-        return makespan, [backend.finished - b for backend, b in zip(pool.backends, before, strict=True)]
+        return makespan, [backend.figures.finished - b for backend, b in zip(pool.backends, before, strict=True)]
 
     return asyncio.run(run())
 

@@ -63,9 +63,9 @@ async def one_caller(backend: object, photo: bytes) -> tuple[float | None, float
 
 
 async def gpu_use(url: str, token: str, callers: int, service_time: float, photo: bytes) -> None:
-    from relay import Backend
+    from backends import Backends
 
-    backend = Backend(url, token)
+    backend = Backends.connect([url], token)
     for _ in range(3):  # warm: the backend's stage times now come from real requests
         await one_caller(backend, photo)
     started = time.monotonic()

@@ -155,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="variable BACKEND_WAKE_TIMEOUT: wait for a sleeping backend",
     )
     frontend.set_defaults(sleep_time=None)
+
+    status = commands.add_parser(
+        "status",
+        help="one screen from both Spaces' /metrics",
+        description="Read the Spaces' /metrics (frontend: METRICS_TOKEN; backends: BACKEND_TOKEN) and print one "
+        "screen: up or not, queue now, jobs, refusals and failures, p50/p95 wait and run time, each backend's share.",
+        **kinds,
+    )
+    add = status.add_argument
+    add("--frontend", type=_backend, metavar="OWNER/NAME", help="the public Space (or URL)")
+    add("--backend", action="append", default=[], type=_backend, metavar="OWNER/NAME", help="a private Space or URL")
+    add("--watch", type=_seconds, metavar="S", help="refresh every S seconds; 'last hour' from the scrapes kept")
     return parser
 
 
@@ -306,6 +318,13 @@ def deploy_frontend(plan: Plan, args: argparse.Namespace, write_token: str | Non
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "status":
+        from deploy_status import status
+
+        spaces = [("frontend", args.frontend, os.environ.get("METRICS_TOKEN"))] if args.frontend else []
+        lock = os.environ.get("BACKEND_TOKEN") or get_token()
+        spaces += [("backend", backend, lock) for backend in args.backend]
+        return status(spaces, watch=args.watch)
     plan = Plan(None, (os.environ.get(name) for name in SECRET_ENV))
     token: str | None = None
     try:

@@ -97,13 +97,13 @@ def stack(
     """The private app with a stand-in pipeline, warmed up, behind the public app; both on loopback."""
     from standin import StandInPipeline
 
-    from relay import Backend
+    from backends import Backends
 
     standin = StandInPipeline(service_time=service_time)
     back_demo = private_app.create_app(standin, **backend_kwargs)
     with running(back_demo, private_app.serve, token=TOKEN, warm_up=True) as back:
         wait_until(lambda: standin.intervals)  # the warm-up went through: ETAs exist from here on
-        with running(front_app(public_app, Backend(back, TOKEN), **(front or {})), public_app.serve) as url:
+        with running(front_app(public_app, Backends.connect([back], TOKEN), **(front or {})), public_app.serve) as url:
             yield Stack(url, back, standin)
 
 

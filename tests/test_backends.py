@@ -21,9 +21,10 @@ from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from standin import StandInPipeline
 
+import backends
 import relay
-from backends import Backends
-from relay import FAILED, LOST, Backend
+from backends import Backend, Backends
+from relay import FAILED, LOST
 
 API = "/predict_api"
 
@@ -176,10 +177,10 @@ def test_visitors_waiting_for_a_sleeping_space_share_one_hub_lookup_and_one_wake
             return SimpleNamespace(runtime=SimpleNamespace(stage="SLEEPING"), host="https://me-gpu.hf.space")
 
     monkeypatch.setattr(relay, "HfApi", Hub)
-    monkeypatch.setattr(relay, "RETRY_EVERY_S", 3600.0)  # a failed lookup's answer stands for the whole test
+    monkeypatch.setattr(backends, "RETRY_EVERY_S", 3600.0)  # a failed lookup's answer stands for the whole test
 
     async def scenario() -> None:
-        space, waking = Backend("me/gpu", None), asyncio.Event()
+        (space,), waking = Backends.connect(["me/gpu"], None).backends, asyncio.Event()
 
         def wake(host: str) -> Coroutine[object, object, object]:
             wakes.append(host)
@@ -193,7 +194,7 @@ def test_visitors_waiting_for_a_sleeping_space_share_one_hub_lookup_and_one_wake
         waking.set()
 
     asyncio.run(scenario())
-    assert [type(result).__name__ for result in results] == ["_NotReady"] * 60
+    assert [type(result).__name__ for result in results] == ["NotReady"] * 60
     assert lookups == ["me/gpu"] * 2  # one for the first two tries (the answer stood), one after the period
     assert wakes == ["https://me-gpu.hf.space"]  # one wake request, still under way at the second lookup
 

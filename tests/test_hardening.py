@@ -245,12 +245,12 @@ def test_gradio_keeps_no_record_of_the_files_removed(private_app, public_app, tm
     """Gradio's own sweep keeps forever its record of a file that is gone: each removed file must leave them."""
     from standin import StandInPipeline
 
-    from relay import Backend
+    from backends import Backends
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
     with running(private_app.create_app(StandInPipeline()), private_app.serve, token=TOKEN) as back:
-        demo = front_app(public_app, Backend(back, TOKEN), keep_files_s=1)
+        demo = front_app(public_app, Backends.connect([back], TOKEN), keep_files_s=1)
         with running(demo, public_app.serve) as url:
             records = demo.temp_file_sets
             before = sum(map(len, records))

@@ -18,7 +18,8 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 from standin import StandInPipeline
 
-from relay import BUSY, LOST, UNAVAILABLE, Backend
+from backends import Backends
+from relay import BUSY, LOST, UNAVAILABLE
 
 API = "/predict_api"
 
@@ -57,7 +58,7 @@ def test_a_large_photo_is_downscaled_before_it_is_sent(private_app, public_app, 
     Image.new("RGB", (3000, 1500), "white").save(big)
     standin = StandInPipeline()
     with running(private_app.create_app(standin, max_side=4000), private_app.serve, warm_up=False) as back:
-        front_demo = public_app.create_app(Backend(back, None), max_side=600, delete_cache=None)
+        front_demo = public_app.create_app(Backends.connect([back], None), max_side=600, delete_cache=None)
         with running(front_demo, public_app.serve) as front:
             visitor(front).predict(handle_file(str(big)), "casual", "male", api_name=API)
     assert standin.sizes == [(600, 300)]
@@ -167,7 +168,7 @@ def test_a_full_backend_queue_says_busy(private_app, public_app):
 def test_a_waking_backend_is_waited_for(private_app, public_app):
     port = free_port()
     back_url = f"http://127.0.0.1:{port}/"
-    front_demo = front_app(public_app, Backend(back_url, TOKEN, wake_timeout=30))
+    front_demo = front_app(public_app, Backends.connect([back_url], TOKEN, wake_timeout=30))
     with running(front_demo, public_app.serve) as front:
         job = submit(visitor(front))
         wait_until(lambda: any("Waking up the GPU" in line for line in statuses(job)))
@@ -181,7 +182,7 @@ def test_a_waking_backend_is_waited_for(private_app, public_app):
 
 
 def test_an_unreachable_backend_gives_a_clear_error(public_app):
-    front_demo = front_app(public_app, Backend(f"http://127.0.0.1:{free_port()}/", TOKEN, wake_timeout=1))
+    front_demo = front_app(public_app, Backends.connect([f"http://127.0.0.1:{free_port()}/"], TOKEN, wake_timeout=1))
     with running(front_demo, public_app.serve) as front, pytest.raises(AppError) as raised:
         submit(visitor(front)).result(timeout=30)
     assert str(raised.value) == UNAVAILABLE
@@ -189,7 +190,7 @@ def test_an_unreachable_backend_gives_a_clear_error(public_app):
 
 def test_a_backend_dying_mid_job_then_coming_back(private_app, public_app):
     port = free_port()
-    front_demo = front_app(public_app, Backend(f"http://127.0.0.1:{port}/", TOKEN, wake_timeout=5))
+    front_demo = front_app(public_app, Backends.connect([f"http://127.0.0.1:{port}/"], TOKEN, wake_timeout=5))
     with running(front_demo, public_app.serve) as front:
         standin = StandInPipeline(service_time=3.0)
         back_demo = private_app.create_app(standin)
@@ -246,7 +247,7 @@ def test_zero_gpu_tokens_are_forwarded_per_visitor_and_never_stick(public_app):
         gr.api(predict_api, api_name="predict_api", concurrency_limit=1)
     with (
         running(recorder, lambda demo, **kw: demo.launch(prevent_thread_lock=True, **kw)) as back,
-        running(front_app(public_app, Backend(back, None)), public_app.serve) as front,
+        running(front_app(public_app, Backends.connect([back], None)), public_app.serve) as front,
     ):
         jobs = [
             submit(visitor(front, {"x-ip-token": "token-of-a"}), gender="male"),

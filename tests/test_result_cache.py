@@ -15,7 +15,8 @@ from gradio_client import handle_file
 from PIL import Image
 from standin import StandInPipeline
 
-from relay import BUILD_HEADER, Backend, Finished
+from backends import Backend, Backends
+from relay import BUILD_HEADER, Finished
 from results import AGAIN, EVERYONE, Results
 
 API = "/predict_api"
@@ -123,7 +124,8 @@ def test_after_a_redeploy_with_other_settings_nothing_the_old_build_made_is_give
 ) -> None:
     port = free_port()
     old, new = StandInPipeline(), StandInPipeline(steps=3)
-    with running(front_app(public_app, Backend(f"http://127.0.0.1:{port}/", TOKEN), **CACHE), public_app.serve) as url:
+    front = front_app(public_app, Backends.connect([f"http://127.0.0.1:{port}/"], TOKEN), **CACHE)
+    with running(front, public_app.serve) as url:
         ada = visitor(url, {"X-Forwarded-For": "203.0.113.1"})
         with backend_on(private_app, port, old):
             run(ada, EXAMPLE_PHOTO)
@@ -137,8 +139,6 @@ def test_after_a_redeploy_with_other_settings_nothing_the_old_build_made_is_give
 
 
 def test_with_backends_of_mixed_builds_only_a_matching_one_that_is_up_counts(private_app, public_app) -> None:
-    from backends import Backends
-
     ports = free_port(), free_port()
     first, second = StandInPipeline(), StandInPipeline(steps=3)
     pool = Backends([Backend(f"http://127.0.0.1:{port}/", TOKEN, name=f"backend {port}") for port in ports])

@@ -1,0 +1,133 @@
+"""What the public app counts, for its maintainer's `/metrics` (Prometheus' format, by prometheus_client).
+
+Every figure is defined here, and counted through `FrontMetrics` alone. No label or value ever names a visitor,
+an account, a photo or a backend's address: backends are labelled by their place ("backend 1 of 2").
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+OUTCOMES = ("done", "failed", "cancelled", "lost")
+REFUSALS = ("fair_share", "rate", "bad_input", "queue_full")
+SECONDS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+
+class FrontMetrics:
+    """One registry per app (tests run several apps in one process): jobs by outcome, waiting and running now,
+    wait and run times, each backend's health and counts, and the bytes of files kept."""
+
+    def __init__(self, pool: Any = None, kept_bytes: Callable[[], float] | None = None) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.jobs = Counter(
+            "backdrop_jobs", "Jobs by outcome; refusals by reason.", ["outcome", "reason"], registry=self.registry
+        )
+        for outcome in OUTCOMES:
+            self.jobs.labels(outcome, "")
+        for reason in REFUSALS:
+            self.jobs.labels("refused", reason)
+        self.waiting = Gauge("backdrop_jobs_waiting", "Jobs admitted and not yet running.", registry=self.registry)
+        self.running = Gauge("backdrop_jobs_running", "Jobs running on a backend now.", registry=self.registry)
+        self.wait_s = Histogram(
+            "backdrop_wait_seconds", "From admission to the job's start.", buckets=SECONDS, registry=self.registry
+        )
+        self.run_s = Histogram(
+            "backdrop_run_seconds", "From a done job's start to its result.", buckets=SECONDS, registry=self.registry
+        )
+        kept = Gauge("backdrop_files_kept_bytes", "Bytes of uploads and results kept on disk.", registry=self.registry)
+        kept.set_function(kept_bytes or (lambda: 0.0))
+        if pool is not None:
+            self.registry.register(_PoolCollector(pool))
+
+    def job(self) -> Job:
+        return Job(self)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class Job:
+    """One request's count: a context manager; its outcome is set by the app (`refused`, `done`) or, when it ends
+    by an exception, told from the exception's type."""
+
+    def __init__(self, metrics: FrontMetrics) -> None:
+        self.metrics = metrics
+        self.outcome: tuple[str, str] | None = None
+        self.started = time.monotonic()
+        self.running_since: float | None = None
+
+    def __enter__(self) -> Job:
+        self.metrics.waiting.inc()
+        return self
+
+    def refused(self, reason: str) -> None:
+        self.outcome = ("refused", reason)
+
+    def run(self) -> None:
+        """The backend started the job (counted once)."""
+        if self.running_since is None:
+            self.running_since = time.monotonic()
+            self.metrics.waiting.dec()
+            self.metrics.running.inc()
+            self.metrics.wait_s.observe(self.running_since - self.started)
+
+    def done(self) -> None:
+        self.outcome = ("done", "")
+        if self.running_since is not None:
+            self.metrics.run_s.observe(time.monotonic() - self.running_since)
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> None:
+        (self.metrics.running if self.running_since is not None else self.metrics.waiting).dec()
+        self.metrics.jobs.labels(*(self.outcome or outcome_of(error))).inc()
+
+
+def outcome_of(error: BaseException | None) -> tuple[str, str]:
+    """How a job that ended by `error` is counted: by the error's type, never by its text."""
+    import gradio as gr  # noqa: PLC0415 - only the app's own errors are told apart here
+
+    from relay import Busy, Lost, Refused  # noqa: PLC0415 - relay.py needs no metrics
+    from visitors import Refused as Turned  # noqa: PLC0415
+
+    if error is None:  # ended with neither a result nor an error
+        return ("failed", "")
+    if not isinstance(error, Exception):  # Stop, or the visitor left (CancelledError, GeneratorExit)
+        return ("cancelled", "")
+    if isinstance(error, Turned):  # the visitor's fair share: jobs at once, or the rate
+        return ("refused", error.reason)
+    if isinstance(error, gr.Error):  # the request's input: no photo, an unknown choice, a photo that cannot be used
+        return ("refused", "bad_input")
+    if isinstance(error, Busy):
+        return ("refused", "queue_full")
+    if isinstance(error, Refused):
+        return ("refused", "bad_input")
+    if isinstance(error, Lost):
+        return ("lost", "")
+    return ("failed", "")
+
+
+class _PoolCollector:
+    """Each backend's figures, read from the pool at each scrape."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+
+    def collect(self) -> Iterator[Any]:
+        up = GaugeMetricFamily("backdrop_backend_up", "1 while the backend takes jobs.", labels=["backend"])
+        sent = CounterMetricFamily("backdrop_backend_jobs_sent", "Jobs that joined its queue.", labels=["backend"])
+        moved = CounterMetricFamily(
+            "backdrop_backend_jobs_moved", "Jobs sent to it that went to another after it failed.", labels=["backend"]
+        )
+        for backend in self.pool.backends:
+            up.add_metric([backend.label], 0.0 if backend.down else 1.0)
+            sent.add_metric([backend.label], backend.sent)
+            moved.add_metric([backend.label], backend.moved)
+        yield from (up, sent, moved)
+
+    def describe(self) -> Iterator[Any]:
+        return iter(())
