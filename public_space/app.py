@@ -209,7 +209,8 @@ def relay_endpoint(
         keep = gr.skip() if on_page else None
         with metrics.job() as counted:  # counted from here until it ends, however it ends (front_metrics.py)
             try:
-                async with contextlib.aclosing(run(image, category, gender, request, keep=keep, counted=counted)) as outputs:
+                outputs = run(image, category, gender, request, keep=keep, counted=counted)
+                async with contextlib.aclosing(outputs):
                     async for each in outputs:
                         yield each
                 return
