@@ -240,11 +240,11 @@ def relay_endpoint(
             async with contextlib.aclosing(ticking(updates, TICK_S)) as stream:
                 async for update in stream:
                     now = time.monotonic()
+                    if isinstance(update, Running):
+                        counted.run()  # the backend started it (counted once, whenever the visitor is told)
                     if not pacer.arrived(update, now):
                         continue
                     latest = pacer.latest
-                    if isinstance(latest, Running):
-                        counted.run()  # the backend started it (counted once)
                     if isinstance(latest, Running) and latest.fraction is not None:
                         progress(latest.fraction, desc=latest.desc)
                     if isinstance(latest, Finished):
