@@ -4,14 +4,17 @@ It goes into the real app through `create_app(pipeline=...)`: the same queue, gu
 with the GPU work replaced by a sleep. It records when each job was inside it, to check that none overlap.
 
 Tests that need a job to stay running hold it with a latch instead of a long service time: after `hold()`, each
-job that enters waits until the test calls `release()` (one job each) or `release_all()`. `wait_inside(n)` waits
-until `n` jobs are inside. Nothing then depends on how fast the machine is.
+job that enters reports its first step, then waits until the test calls `release()` (one job each) or
+`release_all()`; after `hold(every_step=True)` it waits so at each step. `wait_inside(n)` waits until `n` jobs are
+inside. Nothing then depends on how fast the machine is. `release_everyone()` lets every held job of every
+stand-in go on: the tests call it after each test, so a failing one never leaves a thread waiting.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -19,6 +22,7 @@ from PIL import Image
 
 CLASS_NAMES = ["Background", "Hat", "Hair", "Face", "Upper-clothes"]
 HELD_AT_MOST_S = 120.0  # a held job that is never released ends anyway, so a failing test cannot hang the server
+_ALL: weakref.WeakSet[StandInPipeline] = weakref.WeakSet()
 
 
 class StandInPipeline:
@@ -34,7 +38,9 @@ class StandInPipeline:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._held = False
+        self._every_step = False
         self._releases = threading.Semaphore(0)
+        _ALL.add(self)
 
     @property
     def class_names(self) -> list[str]:
@@ -45,8 +51,12 @@ class StandInPipeline:
         """What decides its pictures (the private app's build id): a stand-in of other steps is another build."""
         return {"stand-in": True, "steps": self.steps}
 
-    def hold(self) -> None:
-        """From now on, each job that enters waits for a `release()` before it works."""
+    def hold(self, every_step: bool = False) -> None:
+        """From now on, each job that enters reports its first step, then waits for a `release()` (at every step
+        with `every_step`)."""
+        if not self._held:  # permits left over from an earlier release_all() must not let the next jobs through
+            self._releases = threading.Semaphore(0)
+        self._every_step = every_step
         self._held = True
 
     def release(self, jobs: int = 1) -> None:
@@ -58,6 +68,12 @@ class StandInPipeline:
         """Stop holding: every job waiting goes on, and later ones are not held."""
         self._held = False
         self.release(64)
+
+    @staticmethod
+    def release_everyone() -> None:
+        """`release_all()` on every stand-in there is."""
+        for standin in list(_ALL):
+            standin.release_all()
 
     def wait_inside(self, jobs: int, timeout: float = 60.0) -> None:
         """Wait until at least `jobs` jobs are inside render at once; AssertionError if that never happens."""
@@ -83,14 +99,14 @@ class StandInPipeline:
             self._changed.notify_all()
         started = time.monotonic()
         try:
-            if self._held:
-                self._releases.acquire(timeout=HELD_AT_MOST_S)
             for step in range(self.steps):
                 if progress is not None:
                     progress(
                         (step + 1) / self.steps * 0.9, desc=f"Painting the backdrop (step {step + 1} of {self.steps})"
                     )
-                time.sleep(self.service_time / self.steps)
+                if self._held and (step == 0 or self._every_step):
+                    self._releases.acquire(timeout=HELD_AT_MOST_S)
+                time.sleep(self.service_time / self.steps)  # read at each step: a test may shorten it mid-job
         finally:
             with self._changed:
                 self.inside -= 1

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up (see setup.sh), make sure a headless Chromium is there for the page test, lint, and run the tests offline.
+# Set up (see setup.sh), make sure a headless Chromium is there for the page test, lint, and run the tests offline,
+# in two parallel processes (pytest-xdist; each has its own Gradio cache folder: tests/conftest.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -9,4 +10,4 @@ if ! command -v chromium >/dev/null; then
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-HF_HUB_OFFLINE=1 .venv/bin/python -m pytest "$@"
+HF_HUB_OFFLINE=1 .venv/bin/python -m pytest -n "${TEST_PROCESSES:-2}" "$@"

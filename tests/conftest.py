@@ -1,14 +1,25 @@
-"""Shared fixtures: tiny local models, free loopback ports, and the offline environment every test runs in."""
+"""Shared fixtures: tiny local models, free loopback ports, and the offline environment every test runs in.
+
+Nothing here waits for a time: `wait_until` waits for a state (its timeout is only how long a broken feature takes
+to fail), and the stand-in pipeline's latch holds a job where a test needs it held. The suite runs in parallel
+processes (pytest-xdist), each with its own Gradio cache folder.
+"""
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
+import fcntl
 import importlib.util
+import inspect
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,14 +43,38 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
 os.environ.pop("HF_TOKEN", None)
+# Gradio's upload cache, for this test process alone: the public app deletes files from it, and other test
+# processes (xdist workers, other checkouts on this machine) must not see theirs go. Set before gradio is imported.
+GRADIO_CACHE = tempfile.mkdtemp(prefix=f"backdrop-tests-{os.getenv('PYTEST_XDIST_WORKER', 'main')}-")
+os.environ["GRADIO_TEMP_DIR"] = GRADIO_CACHE
+atexit.register(shutil.rmtree, GRADIO_CACHE, ignore_errors=True)
+WAIT_S = 60.0  # how long a test waits for a state before it fails: a broken feature, not a slow machine
 
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Build the tiny random-weight models once per session with the maintainers' own script."""
-    out = tmp_path_factory.mktemp("tiny-models")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), "--out", str(out)], check=True)
+    """Build the tiny random-weight models with the maintainers' own script, once for all xdist workers."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.getenv("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the workers' base folders sit side by side in this run's folder
+    out = shared / "tiny-models"
+    with (shared / "tiny-models.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker builds; the others wait for it, then reuse
+        if not (out / "done").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            command = [sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), "--out", str(out)]
+            subprocess.run(command, check=True)
+            (out / "done").touch()
     return out
+
+
+@pytest.fixture(autouse=True)
+def _no_job_left_held() -> Iterator[None]:
+    """After each test, every stand-in job still held goes on: a failing test leaves no thread waiting."""
+    yield
+    from standin import StandInPipeline
+
+    StandInPipeline.release_everyone()
 
 
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "private_space"), str(ROOT / "public_space")]
@@ -64,10 +99,16 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def running(demo, serve, **kwargs) -> Iterator[str]:
-    """Serve `demo` with its Space's own `serve()` on a free loopback port; yield its URL; always close it."""
+    """Serve `demo` with its Space's own `serve()` on a free loopback port; yield its URL; always close it.
+
+    If `serve` starts a warm-up (the private app does, by default), this waits until the warm-up is over.
+    """
     port = free_port()
+    before = set(threading.enumerate())
     serve(demo, server_name="127.0.0.1", server_port=port, quiet=True, **kwargs)
     try:
+        warm_ups = [t for t in threading.enumerate() if t not in before and t.name == "warm-up"]
+        wait_until(lambda: not any(t.is_alive() for t in warm_ups), what="the warm-up to end")
         yield f"http://127.0.0.1:{port}/"
     finally:
         demo.close()
@@ -118,12 +159,22 @@ def front_app(public_app, backend, **kwargs):
     return public_app.create_app(backend, delete_cache=None, **{**NO_FAIR_SHARE, **NO_RESULT_CACHE, **kwargs})
 
 
-def wait_until(condition, timeout: float = 20.0) -> None:
+def wait_until(condition, timeout: float = WAIT_S, what: str | None = None) -> None:
+    """Wait for `condition()` to hold; fail, saying what was awaited, if it never does.
+
+    `timeout` is not a timing assumption: it is how long a test waits before calling the feature broken.
+    """
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
+            raise AssertionError(f"waited {timeout:.0f} s for {what or _source(condition)}; it never happened")
         time.sleep(0.01)
+
+
+def _source(condition) -> str:
+    with contextlib.suppress(OSError, TypeError):
+        return " ".join(inspect.getsource(condition).split())
+    return repr(condition)
 
 
 def visitor(url: str, headers: dict[str, str] | None = None) -> Client:

@@ -58,7 +58,7 @@ def backend(private_app, service_time: float, port: int | None = None) -> Iterat
     serve = private_app.serve
     if port is None:
         with running(demo, serve, token=TOKEN, warm_up=True) as url:
-            wait_until(lambda: standin.intervals)
+            assert standin.intervals, "the warm-up did not go through"
             yield url, standin
         return
     serve(demo, token=TOKEN, warm_up=True, server_name="127.0.0.1", server_port=port, quiet=True)
@@ -75,7 +75,7 @@ def pool(*urls: str, retry_after: float = 10.0) -> Backends:
 
 def test_two_backends_share_the_work_and_the_slower_one_gets_fewer_jobs(private_app, public_app):
     with (
-        backend(private_app, 0.2) as (fast_url, fast),
+        backend(private_app, 0.1) as (fast_url, fast),
         backend(private_app, 0.6) as (slow_url, slow),
         running(front_app(public_app, pool(slow_url, fast_url)), public_app.serve) as front,
     ):
@@ -103,7 +103,7 @@ def test_a_down_backend_is_skipped_unnoticed_and_used_again_once_it_answers(priv
             assert backends.backends[0].down
             assert jobs_run(live) == 1
             with backend(private_app, 0.1, port=dead_port) as (_, revived):
-                wait_until(lambda: not backends.backends[0].down, timeout=30)  # probed in the background
+                wait_until(lambda: not backends.backends[0].down)  # probed in the background
                 assert outcome(submit(front)) == "Done"
                 assert jobs_run(revived) == 1  # idle and first in the list: it took the job
     assert jobs_run(live) == 1
@@ -148,21 +148,25 @@ def test_a_backend_answering_an_unexpected_error_is_skipped_and_the_job_done_on_
 
 
 def test_a_backend_closed_mid_run_loses_only_the_job_it_was_running(private_app, public_app):
-    with backend(private_app, 1.5) as (other_url, other):
+    with backend(private_app, 0.2) as (other_url, other):
         port = free_port()
-        dying_standin = StandInPipeline(service_time=1.5)
+        dying_standin = StandInPipeline(service_time=0.2)
         dying = private_app.create_app(dying_standin)
         private_app.serve(dying, token=TOKEN, warm_up=True, server_name="127.0.0.1", server_port=port, quiet=True)
         dying_url = f"http://127.0.0.1:{port}/"
         try:
             wait_until(lambda: dying_standin.intervals)
+            other.hold()
+            dying_standin.hold()
             with running(front_app(public_app, pool(dying_url, other_url)), public_app.serve) as front:
                 jobs = [submit(front) for _ in range(6)]  # per backend: one on the GPU, one next to it, one queued
                 wait_until(lambda: dying_standin.inside == 1 and queued(dying_url) >= 1)
-                dying.close()
+                dying.close()  # its job on the GPU is held
+                other.release_all()
                 outcomes = [outcome(job) for job in jobs]
         finally:
             dying.close()
+            dying_standin.release_all()
     assert sorted(outcomes) == sorted(["Done"] * 5 + [LOST]), outcomes
     assert jobs_run(other) == 5  # its own share and the two that had not started on the closed backend
 
@@ -214,16 +218,20 @@ def test_backend_takes_a_comma_separated_list_with_one_token():
 
 def test_stop_cancels_only_that_visitors_job_on_the_backend_that_holds_it(private_app, public_app):
     with (
-        backend(private_app, 1.0) as (a_url, a),
-        backend(private_app, 1.0) as (b_url, b),
+        backend(private_app, 0.2) as (a_url, a),
+        backend(private_app, 0.2) as (b_url, b),
         running(front_app(public_app, pool(a_url, b_url)), public_app.serve) as front,
     ):
-        jobs = [submit(front) for _ in range(6)]  # per backend: one on the GPU, one next to it, one queued
+        a.hold()
+        b.hold()
+        jobs = [submit(front) for _ in range(6)]  # per backend: one held on the GPU, one next to it, one queued
         wait_until(lambda: a.inside == b.inside == 1 and queued(a_url) == queued(b_url) == 1)
         wait_until(lambda: len([job for job in jobs if "in line" in latest(job)]) == 2)
         leaver = next(job for job in jobs if "in line" in latest(job))
         leaver.cancel()
-        wait_until(lambda: queued(a_url) + queued(b_url) == 1, timeout=5)  # it left the queue it was in at once
+        wait_until(lambda: queued(a_url) + queued(b_url) == 1)  # it left its queue while the jobs ahead were held
+        a.release_all()
+        b.release_all()
         outcomes = [outcome(job) for job in jobs if job is not leaver]
     assert outcomes == ["Done"] * 5
     assert jobs_run(a) + jobs_run(b) == 5  # the leaver's job never ran, on either backend

@@ -6,7 +6,6 @@ import base64
 import io
 import itertools
 import struct
-import time
 import zlib
 
 import httpx
@@ -199,7 +198,7 @@ def test_backend_token_is_enforced(private_app, standin, photo_b64):
 
 
 def test_simultaneous_requests_never_overlap_in_the_pipeline(private_app, photo_b64):
-    standin = StandInPipeline(service_time=0.4)
+    standin = StandInPipeline(service_time=0.2)  # long enough for the three to contend for the GPU
     with running(private_app.create_app(standin), private_app.serve, warm_up=False) as url:
         client = client_for(url)
         jobs = [client.submit(photo_b64, "casual", "male", api_name=API) for _ in range(3)]
@@ -211,39 +210,50 @@ def test_simultaneous_requests_never_overlap_in_the_pipeline(private_app, photo_
 
 def test_the_next_photo_is_decoded_while_the_gpu_works(private_app, photo_b64):
     """Gradio starts the next job while one is in the pipeline; the gate keeps it out until the GPU is free."""
-    standin = StandInPipeline(service_time=1.0)
+    standin = StandInPipeline()
+    standin.hold()
     with running(private_app.create_app(standin), private_app.serve, warm_up=False) as url:
         first = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
-        wait_until(lambda: standin.inside == 1)
+        standin.wait_inside(1)
         second = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
         wait_until(lambda: "Waiting for the GPU" in str(second.status().progress_data))  # decoded, started
-        assert not standin.intervals  # the first job still holds the GPU
-        assert first.result(timeout=30)[3]
-        assert second.result(timeout=30)[3]
+        assert not standin.intervals  # the first job still holds the GPU (held there)
+        assert standin.inside == 1
+        standin.release_all()
+        assert first.result(timeout=60)[3]
+        assert second.result(timeout=60)[3]
     assert standin.max_inside == 1
 
 
 def test_a_job_cancelled_while_waiting_for_the_gpu_never_runs(private_app, photo_b64):
-    standin = StandInPipeline(service_time=1.0)
+    standin = StandInPipeline()
+    standin.hold()
     with running(private_app.create_app(standin), private_app.serve, warm_up=False) as url:
         first = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
-        wait_until(lambda: standin.inside == 1)
+        standin.wait_inside(1)
         second = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
         wait_until(lambda: "Waiting for the GPU" in str(second.status().progress_data))
-        second.cancel()
-        assert first.result(timeout=30)[3]
+        second.cancel()  # returns once the server has cancelled it, the first job still held on the GPU
+        standin.release_all()
+        assert first.result(timeout=60)[3]
         third = client_for(url).submit(photo_b64, "formal", "male", api_name=API)
-        assert third.result(timeout=30)[3]
+        assert third.result(timeout=60)[3]
     assert len(standin.prompts) == 2  # the first and the third: the cancelled one never reached the pipeline
     assert "formal" in standin.prompts[1]
 
 
 def test_gpu_concurrency_jobs_run_together_and_never_more(private_app, photo_b64):
-    standin = StandInPipeline(service_time=0.5)
+    standin = StandInPipeline()
+    standin.hold()
     demo = private_app.create_app(standin, gpu_concurrency=2)
     with running(demo, private_app.serve, warm_up=False) as url:
         jobs = [client_for(url).submit(photo_b64, "casual", "male", api_name=API) for _ in range(6)]
-        assert all(job.result(timeout=30)[3].startswith("Done") for job in jobs)
+        standin.wait_inside(2)
+        waiting = lambda job: "Waiting for the GPU" in str(job.status().progress_data)  # noqa: E731
+        wait_until(lambda: sum(map(waiting, jobs)) == 2)  # the other two slots' jobs, kept out of the pipeline
+        assert standin.inside == 2
+        standin.release_all()
+        assert all(job.result(timeout=60)[3].startswith("Done") for job in jobs)
     assert standin.max_inside == 2
 
 
@@ -260,84 +270,98 @@ def test_finished_sessions_keep_no_inputs_or_outputs(private_app):
 
 
 def test_queued_callers_get_their_place_and_an_eta_that_follows_the_gpu(private_app, photo_b64):
-    service_time = 0.8
+    service_time = 0.8  # the warm-up's: the GPU time the estimates are made of
     standin = StandInPipeline(service_time=service_time)
     with running(private_app.create_app(standin), private_app.serve, warm_up=True) as url:
-        wait_until(lambda: standin.intervals)
+        assert standin.intervals
+        standin.hold()
         callers = [client_for(url) for _ in range(5)]
         jobs = [caller.submit(photo_b64, "casual", "male", api_name=API) for caller in callers[:2]]
-        wait_until(lambda: all(job.status().code.name != "STARTING" for job in jobs))  # one on the GPU, one next
-        finishes = []  # when each queued caller was told its job would finish
+        standin.wait_inside(1)  # one held on the GPU, one next to it waiting for the GPU
+        wait_until(lambda: "Waiting for the GPU" in str(jobs[1].status().progress_data))
         for rank, caller in enumerate(callers[2:]):
             jobs.append(caller.submit(photo_b64, "casual", "male", api_name=API))
             wait_until(lambda: jobs[-1].status().eta is not None)
             status = jobs[-1].status()
             assert (status.code.name, status.rank) == ("IN_QUEUE", rank)
-            finishes.append(status.time.timestamp() + status.eta)
-        assert all(job.result(timeout=30) for job in jobs)
+
+        def one_update() -> bool:
+            """The queued callers' latest estimates came in one of the queue's updates (sent to all at once)."""
+            statuses[:] = [job.status() for job in jobs[2:]]
+            times = [status.time.timestamp() for status in statuses]
+            return all(status.eta is not None for status in statuses) and max(times) - min(times) < 0.5
+
+        statuses: list = []
+        wait_until(one_update)
+        finishes = [status.time.timestamp() + status.eta for status in statuses]  # when each was told it ends
+        standin.service_time = 0.0
+        standin.release_all()
+        assert all(job.result(timeout=60) for job in jobs)
     steps = [later - earlier for earlier, later in itertools.pairwise(finishes)]
-    assert all(0.5 * service_time < step < 1.5 * service_time for step in steps)  # one GPU time per place
+    assert all(0.5 * service_time < step < 1.5 * service_time for step in steps), steps  # one GPU time per place
 
 
 def test_a_cancelled_running_job_never_runs_beside_the_next(private_app, photo_b64):
     """Gradio frees the slot of a cancelled job while its thread runs on; the GPU gate holds the next."""
-    standin = StandInPipeline(service_time=1.0)
+    standin = StandInPipeline()
+    standin.hold()
     with running(private_app.create_app(standin), private_app.serve, warm_up=False) as url:
         first = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
-        wait_until(lambda: standin.inside == 1)  # it is running: cancel it now
+        standin.wait_inside(1)  # it is running (held): cancel it now
         first.cancel()
         second = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
-        assert second.result(timeout=30)[3].startswith("Done")
+        wait_until(lambda: "Waiting for the GPU" in str(second.status().progress_data))  # kept out ...
+        assert standin.inside == 1  # ... while the cancelled job's thread is still in the pipeline
+        standin.release_all()
+        assert second.result(timeout=60)[3].startswith("Done")
     assert standin.max_inside == 1
 
 
 def test_a_full_queue_gives_a_clear_error(private_app, photo_b64):
-    standin = StandInPipeline(service_time=1.0)
+    standin = StandInPipeline()
+    standin.hold()
     with running(private_app.create_app(standin, queue_max_size=1), private_app.serve, warm_up=False) as url:
         client = client_for(url)
         running_job = client.submit(photo_b64, "casual", "male", api_name=API)
-        wait_until(lambda: standin.inside == 1)
+        standin.wait_inside(1)
         next_job = client.submit(photo_b64, "casual", "male", api_name=API)  # started: decoded, waiting for the GPU
         wait_until(lambda: next_job.status().code.name == "PROGRESS")
         queued = client.submit(photo_b64, "casual", "male", api_name=API)
-        time.sleep(0.3)
+        wait_until(lambda: queued.status().code.name == "IN_QUEUE")
         with pytest.raises(Exception, match="Queue is full"):
             client_for(url).predict(photo_b64, "casual", "male", api_name=API)
-        assert all(job.result(timeout=30)[3] for job in (running_job, next_job, queued))
+        standin.release_all()
+        assert all(job.result(timeout=60)[3] for job in (running_job, next_job, queued))
 
 
 def test_warm_up_gives_the_first_visitor_an_eta(private_app, photo_b64):
     standin = StandInPipeline(service_time=0.3)
-    with running(private_app.create_app(standin), private_app.serve, warm_up=True) as url:
-        deadline = time.monotonic() + 30
-        while not standin.intervals and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.3)
+    with running(private_app.create_app(standin), private_app.serve, warm_up=True) as url:  # waits for the warm-up
+        standin.hold()
         client = client_for(url)
         blockers = [client.submit(photo_b64, "casual", "male", api_name=API) for _ in range(2)]  # both slots
+        standin.wait_inside(1)
+        wait_until(lambda: "Waiting for the GPU" in str(blockers[1].status().progress_data))
         waiting = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
-        etas = []
-        while not waiting.done():
-            status = waiting.status()
-            if status.code.name == "IN_QUEUE":
-                etas.append(status.eta)
-            time.sleep(0.02)
-        assert all(blocker.result(timeout=30) for blocker in blockers)
+        wait_until(lambda: waiting.status().code.name == "IN_QUEUE")
+        eta = waiting.status().eta  # no job has finished since the warm-up: the first estimate is this one
+        standin.release_all()
+        assert all(job.result(timeout=60) for job in [*blockers, waiting])
     assert len(standin.intervals) == 4  # the warm-up went through the pipeline
-    assert etas
-    assert etas[0] is not None
-    assert etas[0] > 0
+    assert eta is not None
+    assert eta > 0
 
 
 def test_progress_reaches_the_caller(private_app, photo_b64):
-    standin = StandInPipeline(service_time=0.6)  # slow enough for each step's update to be sent
+    standin = StandInPipeline()
+    standin.hold(every_step=True)  # each step's update is sent while the job is held at that step
     with running(private_app.create_app(standin), private_app.serve, warm_up=False) as url:
         job = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
-        descriptions: set[str] = set()
-        while not job.done():
-            descriptions.update(p.desc for p in job.status().progress_data or [] if p.desc)
-            time.sleep(0.005)
-    assert {"Painting the backdrop (step 1 of 2)", "Painting the backdrop (step 2 of 2)"} <= descriptions
+        for step in (1, 2):
+            wanted = f"Painting the backdrop (step {step} of 2)"
+            wait_until(lambda: wanted in [p.desc for p in job.status().progress_data or []], what=wanted)  # noqa: B023
+            standin.release()
+        assert job.result(timeout=60)[3].startswith("Done")
 
 
 @pytest.fixture(scope="module")

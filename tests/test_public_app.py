@@ -33,12 +33,20 @@ def statuses(job) -> list[str]:
 
 
 def fill_the_gpu(s: Stack) -> list:
-    """Two visitors: one on the GPU, one decoded beside it and waiting for the GPU (the backend's two slots)."""
+    """Two visitors: one held on the GPU, one decoded beside it and waiting for the GPU (the backend's two slots).
+
+    They stay there until the test calls `s.standin.release_all()`.
+    """
+    s.standin.hold()
     jobs = [submit(visitor(s.front))]
-    wait_until(lambda: s.standin.inside == 1)
+    s.standin.wait_inside(1)
     jobs.append(submit(visitor(s.front)))
     wait_until(lambda: "Waiting for the GPU" in "".join(statuses(jobs[1])))
     return jobs
+
+
+def seen(job, text: str) -> bool:
+    return any(text in line for line in statuses(job))
 
 
 def test_relay_happy_path(private_app, public_app):
@@ -65,19 +73,23 @@ def test_a_large_photo_is_downscaled_before_it_is_sent(private_app, public_app, 
 
 
 def test_a_queued_caller_sees_its_place_an_eta_then_progress_then_results(private_app, public_app):
-    with stack(private_app, public_app, service_time=1.0) as s:
+    with stack(private_app, public_app) as s:
         jobs = fill_the_gpu(s)
         jobs.append(submit(visitor(s.front)))
         wait_until(lambda: queued(s) == 1)
         jobs.append(submit(visitor(s.front)))
-        overlay, result, status = jobs[3].result(timeout=30)
-        seen = statuses(jobs[3])
-    second = [line for line in seen if line.startswith("You are 2nd in line · about ")]
-    assert second, seen
-    working = [i for i, line in enumerate(seen) if line.startswith("Working on your photo")]
+        wait_until(lambda: seen(jobs[3], "2nd in line"))
+        s.standin.release(3)  # the three ahead go on; this one is held at its first step in turn
+        wait_until(lambda: seen(jobs[3], "Painting the backdrop"))
+        s.standin.release_all()
+        overlay, result, status = jobs[3].result(timeout=60)
+        seen_lines = statuses(jobs[3])
+    second = [line for line in seen_lines if line.startswith("You are 2nd in line · about ")]
+    assert second, seen_lines
+    working = [i for i, line in enumerate(seen_lines) if line.startswith("Working on your photo")]
     assert working
-    assert seen.index(second[0]) < working[0]
-    assert any("Painting the backdrop" in line for line in seen)
+    assert seen_lines.index(second[0]) < working[0]
+    assert any("Painting the backdrop" in line for line in seen_lines)
     assert status.startswith("Done in ")
     assert overlay
     assert result
@@ -89,35 +101,46 @@ def queued(s: Stack) -> int:
 
 
 def test_countdown_is_smooth_between_backend_updates(private_app, public_app):
-    with stack(private_app, public_app, service_time=3.0) as s:
+    """While nothing moves in the backend queue, the visitor's wait counts down each tick instead of standing still."""
+
+    def waits() -> list[float]:
+        return [float(line.split("about ")[1].split(" s")[0]) for line in statuses(waiting) if "about" in line]
+
+    with stack(private_app, public_app, service_time=2.0) as s:  # the warm-up's 2 s make a wait of several s
         ahead = fill_the_gpu(s)
         waiting = submit(visitor(s.front))
-        assert all(job.result(timeout=30) for job in [*ahead, waiting])
-    waits = [float(line.split("about ")[1].split(" s")[0]) for line in statuses(waiting) if "about" in line]
-    assert len(waits) >= 3, waits
-    assert waits == sorted(waits, reverse=True), waits
+        wait_until(lambda: len(waits()) >= 3)  # three ticks, the jobs ahead held all along
+        counted = waits()
+        s.standin.service_time = 0.0
+        s.standin.release_all()
+        assert all(job.result(timeout=60) for job in [*ahead, waiting])
+    assert counted == sorted(counted, reverse=True), counted
+    assert counted[0] > counted[-1], counted
 
 
 def test_cancelling_a_queued_visitor_touches_no_one_else(private_app, public_app):
-    with stack(private_app, public_app, service_time=2.0) as s:
+    with stack(private_app, public_app) as s:
         ahead = fill_the_gpu(s)
         second = submit(visitor(s.front))
         wait_until(lambda: queued(s) == 1)
-        third = submit(visitor(s.front))
+        third = submit(visitor(s.front), category="formal")
         wait_until(lambda: queued(s) == 2)
         third.cancel()
-        wait_until(lambda: queued(s) == 1, timeout=5)  # the third left the backend queue at once
-        assert all(job.result(timeout=30)[2].startswith("Done") for job in [*ahead, second])
-        time.sleep(0.5)
-    assert len(s.standin.intervals) == 1 + 3  # warm-up, the two ahead, second: the third never ran
+        wait_until(lambda: queued(s) == 1)  # the third left the backend queue while the jobs ahead were held
+        s.standin.release_all()
+        assert all(job.result(timeout=60)[2].startswith("Done") for job in [*ahead, second])
+        assert submit(visitor(s.front)).result(timeout=60)[2].startswith("Done")  # queued after the third was
+    assert len(s.standin.intervals) == 1 + 4  # warm-up, the two ahead, second, the last: the third never ran
+    assert not any("formal" in prompt for prompt in s.standin.prompts)
     assert s.standin.max_inside == 1
 
 
 def test_a_dropped_connection_cancels_only_that_visitors_job(private_app, public_app):
     """A visitor whose stream drops (closed tab, lost network) leaves the backend queue; the others stay."""
-    with stack(private_app, public_app, service_time=4.0) as s:
+    with stack(private_app, public_app) as s:
+        s.standin.hold()
         first = submit(visitor(s.front))
-        wait_until(lambda: s.standin.inside == 1)
+        s.standin.wait_inside(1)
         with httpx.Client(base_url=s.front) as raw:
             upload = raw.post("gradio_api/upload", files={"files": ("a.png", EXAMPLE_PHOTO.read_bytes())}).json()
             fn_index = next(
@@ -131,12 +154,13 @@ def test_a_dropped_connection_cancels_only_that_visitors_job(private_app, public
                     if "in line" in line:
                         break  # the visitor is waiting in the backend queue; now they vanish
         left = time.monotonic()
-        wait_until(lambda: queued(s) == 0, timeout=10)
-        assert s.standin.inside == 1  # the first visitor's job is still running: the leaver's was removed
+        wait_until(lambda: queued(s) == 0)
+        assert s.standin.inside == 1  # the first visitor's job is still running (held): the leaver's was removed
         print(f"the backend queue noticed in {time.monotonic() - left:.1f} s")
-        assert first.result(timeout=30)[2].startswith("Done")
-        time.sleep(0.5)
-    assert len(s.standin.intervals) == 1 + 1  # warm-up and the first visitor only
+        s.standin.release_all()
+        assert first.result(timeout=60)[2].startswith("Done")
+        assert submit(visitor(s.front)).result(timeout=60)[2].startswith("Done")  # joined after the leaver
+    assert len(s.standin.intervals) == 1 + 2  # warm-up, the first visitor and the last: never the leaver
 
 
 def test_backend_validation_sentence_is_relayed_as_it_is(private_app, public_app):
@@ -155,20 +179,21 @@ def test_a_non_image_gets_a_sentence(private_app, public_app, tmp_path):
 
 
 def test_a_full_backend_queue_says_busy(private_app, public_app):
-    with stack(private_app, public_app, service_time=2.0, queue_max_size=1) as s:
+    with stack(private_app, public_app, queue_max_size=1) as s:
         ahead = fill_the_gpu(s)
         queued_job = submit(visitor(s.front))
         wait_until(lambda: queued(s) == 1)
         with pytest.raises(AppError) as raised:
-            submit(visitor(s.front)).result(timeout=30)
+            submit(visitor(s.front)).result(timeout=60)
         assert str(raised.value) == BUSY
-        assert all(job.result(timeout=30)[2].startswith("Done") for job in [*ahead, queued_job])
+        s.standin.release_all()
+        assert all(job.result(timeout=60)[2].startswith("Done") for job in [*ahead, queued_job])
 
 
 def test_a_waking_backend_is_waited_for(private_app, public_app):
     port = free_port()
     back_url = f"http://127.0.0.1:{port}/"
-    front_demo = front_app(public_app, Backends.connect([back_url], TOKEN, wake_timeout=30))
+    front_demo = front_app(public_app, Backends.connect([back_url], TOKEN, wake_timeout=120))  # a bound, not a wait
     with running(front_demo, public_app.serve) as front:
         job = submit(visitor(front))
         wait_until(lambda: any("Waking up the GPU" in line for line in statuses(job)))
@@ -176,7 +201,7 @@ def test_a_waking_backend_is_waited_for(private_app, public_app):
         back_demo = private_app.create_app(standin)
         private_app.serve(back_demo, token=TOKEN, warm_up=False, server_name="127.0.0.1", server_port=port, quiet=True)
         try:
-            assert job.result(timeout=30)[2].startswith("Done")
+            assert job.result(timeout=120)[2].startswith("Done")
         finally:
             back_demo.close()
 
@@ -192,15 +217,17 @@ def test_a_backend_dying_mid_job_then_coming_back(private_app, public_app):
     port = free_port()
     front_demo = front_app(public_app, Backends.connect([f"http://127.0.0.1:{port}/"], TOKEN, wake_timeout=5))
     with running(front_demo, public_app.serve) as front:
-        standin = StandInPipeline(service_time=3.0)
+        standin = StandInPipeline()
+        standin.hold()
         back_demo = private_app.create_app(standin)
         private_app.serve(back_demo, token=TOKEN, warm_up=False, server_name="127.0.0.1", server_port=port, quiet=True)
         job = submit(visitor(front))
-        wait_until(lambda: standin.inside == 1)
-        back_demo.close()
+        standin.wait_inside(1)
+        back_demo.close()  # the job is held on the GPU
         with pytest.raises(AppError) as raised:
-            job.result(timeout=30)
+            job.result(timeout=60)
         assert str(raised.value) == LOST
+        standin.release_all()
         revived = private_app.create_app(StandInPipeline())
         private_app.serve(revived, token=TOKEN, warm_up=False, server_name="127.0.0.1", server_port=port, quiet=True)
         try:
