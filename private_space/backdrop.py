@@ -154,13 +154,18 @@ class Backdrop:
         logger.info("Models ready on %s in %s", self.device.type, str(self.dtype).removeprefix("torch."))
 
     def _encode(self, background_model: str, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Each prompt's text embedding, computed by the pipeline's own text encoder, loaded alone and freed."""
+        """Each prompt's text embedding, computed by the pipeline's own text encoder, loaded alone and freed.
+
+        Always on CPU (float32 there when the models run on a GPU): on ZeroGPU no CUDA work may run outside a
+        `spaces.GPU` call, and four prompts take about a second.
+        """
         if not prompts:
             return {}
-        text_only = AutoPipelineForText2Image.from_pretrained(background_model, unet=None, vae=None, dtype=self.dtype)
-        text_only.to(self.device)
+        cpu = torch.device("cpu")
+        dtype = self.dtype if self.device == cpu else torch.float32
+        text_only = AutoPipelineForText2Image.from_pretrained(background_model, unet=None, vae=None, dtype=dtype)
         with torch.inference_mode():
-            embeddings = {p: text_only.encode_prompt(p, self.device, 1, False)[0] for p in prompts}
+            embeddings = {p: text_only.encode_prompt(p, cpu, 1, False)[0].to(self.device, self.dtype) for p in prompts}
         del text_only
         return embeddings
 
