@@ -338,10 +338,9 @@ def test_warm_up_gives_the_first_visitor_an_eta(private_app, photo_b64):
     standin = StandInPipeline(service_time=0.3)
     with running(private_app.create_app(standin), private_app.serve, warm_up=True) as url:  # waits for the warm-up
         standin.hold()
-        client = client_for(url)
-        blockers = [client.submit(photo_b64, "casual", "male", api_name=API) for _ in range(2)]  # both slots
+        blockers = [client_for(url).submit(photo_b64, "casual", "male", api_name=API) for _ in range(2)]  # 2 slots
         standin.wait_inside(1)
-        wait_until(lambda: "Waiting for the GPU" in str(blockers[1].status().progress_data))
+        wait_until(lambda: any("Waiting for the GPU" in str(job.status().progress_data) for job in blockers))
         waiting = client_for(url).submit(photo_b64, "casual", "male", api_name=API)
         wait_until(lambda: waiting.status().code.name == "IN_QUEUE")
         eta = waiting.status().eta  # no job has finished since the warm-up: the first estimate is this one
