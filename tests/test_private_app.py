@@ -270,15 +270,15 @@ def test_finished_sessions_keep_no_inputs_or_outputs(private_app):
 
 
 def test_queued_callers_get_their_place_and_an_eta_that_follows_the_gpu(private_app, photo_b64):
-    service_time = 0.8  # the warm-up's: the GPU time the estimates are made of
+    service_time = 2.0  # the warm-up's: the GPU time the estimates are made of (long beside a busy client's lag)
     standin = StandInPipeline(service_time=service_time)
     with running(private_app.create_app(standin), private_app.serve, warm_up=True) as url:
         assert standin.intervals
         standin.hold()
         callers = [client_for(url) for _ in range(5)]
         jobs = [caller.submit(photo_b64, "casual", "male", api_name=API) for caller in callers[:2]]
-        standin.wait_inside(1)  # one held on the GPU, one next to it waiting for the GPU
-        wait_until(lambda: "Waiting for the GPU" in str(jobs[1].status().progress_data))
+        standin.wait_inside(1)  # one held on the GPU, one next to it waiting for the GPU (either may be first)
+        wait_until(lambda: any("Waiting for the GPU" in str(job.status().progress_data) for job in jobs))
         for rank, caller in enumerate(callers[2:]):
             jobs.append(caller.submit(photo_b64, "casual", "male", api_name=API))
             wait_until(lambda: jobs[-1].status().eta is not None)
@@ -289,7 +289,7 @@ def test_queued_callers_get_their_place_and_an_eta_that_follows_the_gpu(private_
             """The queued callers' latest estimates came in one of the queue's updates (sent to all at once)."""
             statuses[:] = [job.status() for job in jobs[2:]]
             times = [status.time.timestamp() for status in statuses]
-            return all(status.eta is not None for status in statuses) and max(times) - min(times) < 0.5
+            return all(status.eta is not None for status in statuses) and max(times) - min(times) < 1.0
 
         statuses: list = []
         wait_until(one_update)
