@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import TYPE_CHECKING
 
 import pytest
@@ -66,6 +66,22 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
             subprocess.run(command, check=True)
             (out / "done").touch()
     return out
+
+
+@pytest.fixture
+def rate_clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The fair share's rate window on the test's own clock: a window never turns over in the middle of a test,
+    and it turns over the moment the test moves the clock (`rate_clock.now += seconds`)."""
+    import limits.storage.memory
+    import limits.strategies
+
+    import visitors
+
+    clock = Clock()
+    clock.now = time.time()  # the limiter counts in seconds since the epoch
+    for module in (limits.storage.memory, limits.strategies, visitors):
+        monkeypatch.setattr(module, "time", SimpleNamespace(time=clock))
+    return clock
 
 
 @pytest.fixture(autouse=True)
@@ -129,6 +145,18 @@ class Stack:
     front: str
     back: str
     standin: StandInPipeline
+    front_demo: object  # the public app's Blocks: a test reaches its parts (`backdrop_files`) through it
+
+
+class Clock:
+    """A clock that stands still until the test moves it (`now += seconds`): for code whose time a test sets, so
+    that nothing expires because the machine was slow, and something expires the moment the test says."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @contextlib.contextmanager
@@ -144,8 +172,9 @@ def stack(
     back_demo = private_app.create_app(standin, **backend_kwargs)
     with running(back_demo, private_app.serve, token=TOKEN, warm_up=True) as back:
         wait_until(lambda: standin.intervals)  # the warm-up went through: ETAs exist from here on
-        with running(front_app(public_app, Backends.connect([back], TOKEN), **(front or {})), public_app.serve) as url:
-            yield Stack(url, back, standin)
+        front_demo = front_app(public_app, Backends.connect([back], TOKEN), **(front or {}))
+        with running(front_demo, public_app.serve) as url:
+            yield Stack(url, back, standin, front_demo)
 
 
 # Every test visitor comes from 127.0.0.1: fair share is off unless a test turns it on (tests/test_fair_share.py).

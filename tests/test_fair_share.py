@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -54,7 +53,7 @@ def test_an_upload_request_names_its_visitor_as_the_endpoint_does():
     assert visitor_of(Request({**scope, "session": oauth}), 1) == "user grace"
 
 
-def test_jobs_and_rate_per_visitor_with_sentences_and_no_lasting_state():
+def test_jobs_and_rate_per_visitor_with_sentences_and_no_lasting_state(rate_clock):
     share = FairShare(max_jobs=2, rate="3/2 second")
     assert share.admit("a") is None
     assert share.admit("a") is None
@@ -69,31 +68,32 @@ def test_jobs_and_rate_per_visitor_with_sentences_and_no_lasting_state():
     assert refusal.startswith("You have sent too many photos in the last 2 seconds. Please try again in ")
     share.release("b")
     assert share.jobs == {}  # a visitor without a job leaves nothing behind
-    time.sleep(4.2)  # the sliding window counts the previous window too
+    rate_clock.now += 4.2  # the sliding window counts the previous window too
     assert share.admit("a") is None
     share.release("a")
-    time.sleep(4.2)
-    share.admit("c")  # the storage expires old windows when it is next written to
-    time.sleep(0.2)
-    assert [key for key in share.limiter.storage.storage if "/a/" in key] == []
+    rate_clock.now += 4.2
+    share.admit("c")  # the storage expires old windows when it is next written to (on its own timer thread)
+    wait_until(lambda: [key for key in share.limiter.storage.storage if "/a/" in key] == [], what="a's windows gone")
 
 
 def test_a_flooder_gets_two_places_and_the_next_visitor_is_at_most_third(private_app, public_app):
     fair = {"max_jobs_per_visitor": 2, "visitor_rate": "100/minute", "trusted_proxy_hops": 1}
-    with stack(private_app, public_app, service_time=0.3, front=fair) as s:
+    with stack(private_app, public_app, front=fair) as s:
+        s.standin.hold()  # A's jobs stay in line (one held on the GPU) until C's two have seen their places
         # Visitor A (203.0.113.1) sends 8 at once, each posing as someone else in the part of the header it writes.
         flood = [visitor(s.front, {"X-Forwarded-For": f"192.0.2.{i}, 203.0.113.1"}) for i in range(8)]
         with ThreadPoolExecutor(len(flood)) as pool:
             jobs = list(pool.map(submit, flood))
-        wait_until(lambda: sum(job.done() for job in jobs) >= 6, timeout=30)
+        wait_until(lambda: sum(job.done() for job in jobs) == 6, what="six of A's eight refused")
         refused = [str(job.exception()) for job in jobs if job.done()]
         # Visitor C, another address, arrives after them with two photos: both go in, behind A's two at most.
         later = [submit(visitor(s.front, {"X-Forwarded-For": "203.0.113.3"})) for _ in range(2)]
+        wait_until(lambda: all(any(" in line" in line for line in statuses(job)) for job in later), what="C's places")
+        s.standin.release_all()
         for job in later:
-            assert job.result(timeout=30)[2].startswith("Done in ")
-        for job in jobs:
-            if not job.done() or job.exception() is None:
-                assert job.result(timeout=30)[2].startswith("Done in ")
+            assert job.result(timeout=60)[2].startswith("Done in ")
+        accepted = [job for job in jobs if not job.done() or job.exception() is None]
+        assert [job.result(timeout=60)[2][:8] for job in accepted] == ["Done in "] * 2
     assert refused == ["You already have 2 photos in line. Please wait until one is done."] * 6
     places = [line for job in later for line in statuses(job) if " in line" in line]
     assert places
@@ -111,18 +111,22 @@ def statuses(job) -> list[str]:
 
 def test_a_cancelled_job_gives_its_slot_back(private_app, public_app):
     fair = {"max_jobs_per_visitor": 1, "visitor_rate": "100/minute", "trusted_proxy_hops": 1}
-    with stack(private_app, public_app, service_time=1.0, front=fair) as s:
+    with stack(private_app, public_app, front=fair) as s:
+        s.standin.hold()  # the blocker stays on the GPU until the end, so the others wait in line
         blocker = submit(visitor(s.front, {"X-Forwarded-For": "203.0.113.1"}))
-        wait_until(lambda: s.standin.inside == 1)
+        s.standin.wait_inside(1)
         same = {"X-Forwarded-For": "203.0.113.2"}
         waiting = submit(visitor(s.front, same))
         wait_until(lambda: any(" in line" in line for line in statuses(waiting)))
         waiting.cancel()
-        assert submit(visitor(s.front, same)).result(timeout=30)[2].startswith("Done in ")  # not "already have 1"
-        assert blocker.result(timeout=30)[2].startswith("Done in ")
+        again = submit(visitor(s.front, same))
+        wait_until(lambda: any(" in line" in line for line in statuses(again)), what="the same visitor in line again")
+        s.standin.release_all()
+        assert again.result(timeout=60)[2].startswith("Done in ")  # not "You already have 1 photo in line"
+        assert blocker.result(timeout=60)[2].startswith("Done in ")
 
 
-def test_a_refusal_of_an_addresss_share_says_that_signing_in_gives_ones_own():
+def test_a_refusal_of_an_addresss_share_says_that_signing_in_gives_ones_own(rate_clock):
     share = FairShare(max_jobs=1, rate="2/minute", sign_in=True)
     for who in ("address 198.51.100.7", "user ada"):
         assert share.admit(who) is None

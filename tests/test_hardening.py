@@ -15,13 +15,14 @@ from pathlib import Path
 import gradio as gr
 import httpx
 import pytest
-from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, front_app, running, stack, visitor, wait_until
+from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, Clock, front_app, running, stack, visitor, wait_until
 from gradio_client import Client, handle_file
 from PIL import Image, JpegImagePlugin
 
 from photo_rules import PhotoError
 
 API = "/predict_api"
+KEEP_S = 10  # keep_files_s of the tests below: time they spend on a clock of their own (conftest.Clock)
 LIMITS = {"max_pixels": 40_000_000}
 
 
@@ -174,11 +175,14 @@ def test_uploads_and_results_leave_the_disk_keep_files_s_after_their_last_use(
     def kept() -> set[Path]:
         return set(cache.glob("*/*"))
 
-    with stack(private_app, public_app, front={"keep_files_s": 2}) as s:
+    with stack(private_app, public_app, front={"keep_files_s": KEEP_S}) as s:
+        clock = s.front_demo.backdrop_files.clock = Clock()  # files lapse when the test moves it, not before
         client = Client(s.front, token=False, verbose=False, download_files=str(tmp_path / "downloads"))
         for _ in range(3):
             status = client.predict(handle_file(str(photo)), "casual", "male", api_name=API)[2]
             assert status.startswith("Done in ")
+        assert kept()
+        clock.now += KEEP_S
         wait_until(lambda: not kept())  # the upload, its results: all gone once unused for keep_files_s
         assert not list(cache.glob("*"))  # their folders too
         with httpx.Client(base_url=s.front) as raw:
@@ -187,6 +191,7 @@ def test_uploads_and_results_leave_the_disk_keep_files_s_after_their_last_use(
             assert raw_call(raw, upload, "formal").startswith("Done in ")  # a second try on the same upload
             assert raw_call(raw, "/etc/hostname") == ""  # refused (422) before it is queued: no such upload
             assert kept()  # the upload and the results of the calls above, never fetched ...
+            clock.now += KEEP_S
             wait_until(lambda: not kept())  # ... are gone after keep_files_s
             assert raw_call(raw, upload) == public_app.UPLOAD_AGAIN
 
@@ -221,7 +226,8 @@ def raw_outputs(raw: httpx.Client, path: str, category: str = "casual", gender: 
 
 def test_a_shared_photo_stays_while_either_of_its_visitors_uses_it(private_app, public_app, tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))  # this app's uploads alone
-    with stack(private_app, public_app, front={"keep_files_s": 2}) as s:
+    with stack(private_app, public_app, front={"keep_files_s": KEEP_S}) as s:
+        clock = s.front_demo.backdrop_files.clock = Clock()
         a, b = (
             httpx.Client(base_url=s.front, headers={"X-Forwarded-For": ip}) for ip in ("198.51.100.1", "198.51.100.2")
         )
@@ -237,6 +243,12 @@ def test_a_shared_photo_stays_while_either_of_its_visitors_uses_it(private_app, 
             assert raw_call(b, b_upload).startswith("Done in ")
             assert raw_call(a, a_upload).startswith("Done in ")
             assert raw_call(b, b_upload).startswith("Done in ")
+            clock.now += KEEP_S / 2
+            assert raw_call(a, a_upload).startswith("Done in ")  # a's claim renewed; b's has half its time left
+            clock.now += KEEP_S / 2 + 1
+            assert raw_call(b, b_upload) == public_app.UPLOAD_AGAIN  # b's lapsed; a's stands and keeps the photo
+            assert Path(a_upload).exists()
+            clock.now += KEEP_S
             wait_until(lambda: not Path(a_upload).exists())  # with both claims lapsed, the photo goes
             assert raw_call(a, a_upload) == raw_call(b, b_upload) == public_app.UPLOAD_AGAIN
 
@@ -258,7 +270,8 @@ def test_gradio_keeps_no_record_of_the_files_removed(private_app, public_app, tm
     cache = tmp_path / "cache"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
     with running(private_app.create_app(StandInPipeline()), private_app.serve, token=TOKEN) as back:
-        demo = front_app(public_app, Backends.connect([back], TOKEN), keep_files_s=1)
+        demo = front_app(public_app, Backends.connect([back], TOKEN), keep_files_s=KEEP_S)
+        clock = demo.backdrop_files.clock = Clock()
         with running(demo, public_app.serve) as url:
             records = demo.temp_file_sets
             before = sum(map(len, records))
@@ -268,6 +281,7 @@ def test_gradio_keeps_no_record_of_the_files_removed(private_app, public_app, tm
                 with Image.open(EXAMPLE_PHOTO) as example:
                     example.rotate(90 * turn).save(photo)  # a new file each time, as each visitor's photo is
                 assert client.predict(handle_file(str(photo)), "casual", "male", api_name=API)[2].startswith("Done")
+            clock.now += KEEP_S
             wait_until(lambda: emptied(cache))
             assert [name for kept in records for name in kept if not Path(name).exists()] == []
             assert sum(map(len, records)) == before

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import EXAMPLE_PHOTO, stack, visitor, wait_until
+from conftest import EXAMPLE_PHOTO, Clock, stack, visitor, wait_until
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -19,14 +19,6 @@ from files import Files, too_many_uploads
 API = "/predict_api"
 ONE = "198.51.100.1"
 OTHER = "198.51.100.2"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def files_in(tmp_path: Path, *, keep_s: float = 600, quota: int = 10**9, per_visitor: int = 10**9) -> Files:

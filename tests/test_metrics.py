@@ -38,7 +38,7 @@ def refused(job) -> str:
     return "not refused"
 
 
-def test_every_counter_is_exact_after_a_known_sequence(private_app, public_app, monkeypatch):
+def test_every_counter_is_exact_after_a_known_sequence(private_app, public_app, monkeypatch, rate_clock):
     monkeypatch.setattr(public_app, "METRICS_TOKEN", METRICS_TOKEN)
     fair = {"max_jobs_per_visitor": 1, "visitor_rate": "4/minute"}
     with stack(private_app, public_app, front=fair) as s:
