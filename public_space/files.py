@@ -252,17 +252,15 @@ class FilesMiddleware:
         elif method == "POST" and path == UPLOAD:
             await self._upload(scope, receive, send)
         elif method == "GET" and path.startswith(FILE):
-            status = 0
 
             async def watch(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
+                # Served, in part, or already in the browser's cache: a use all the same, counted before the bytes
+                # go out (whoever has them has seen this use counted).
+                if message["type"] == "http.response.start" and message["status"] in (200, 206, 304):
+                    self.files.fetched(path.removeprefix(FILE))
                 await send(message)
 
             await self.app(scope, receive, watch)
-            if status in (200, 206, 304):  # served, in part, or already in the browser's cache: a use all the same
-                self.files.fetched(path.removeprefix(FILE))
         else:
             await self.app(scope, receive, send)
 

@@ -61,16 +61,21 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=7860, help="the public app's port (default 7860)")
     parser.add_argument("--backend-port", type=int, default=8001, help="the private app's port (default 8001)")
     parser.add_argument("--host", default="127.0.0.1", help="where both apps listen (default 127.0.0.1)")
-    parser.add_argument("--models-dir", type=Path, default=ROOT / ".tiny-models", help="where --tiny builds models")
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        default=ROOT / ".tiny-models",
+        help="where --tiny keeps its models (built if missing)",
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds to wait for the backend to load models")
     args = parser.parse_args()
 
     token = secrets.token_urlsafe(24)  # never printed: only the two child processes get it
     env = {**os.environ, "GRADIO_SERVER_NAME": args.host, "GRADIO_ANALYTICS_ENABLED": "False"}
     if args.tiny:
-        subprocess.run(
-            [sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), "--out", str(args.models_dir)], check=True
-        )
+        if not all((args.models_dir / part).exists() for part in ("segmentation", "background")):
+            builder = [sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), "--out", str(args.models_dir)]
+            subprocess.run(builder, check=True)
         env |= {
             "SEGMENTATION_MODEL": str(args.models_dir / "segmentation"),
             "BACKGROUND_MODEL": str(args.models_dir / "background"),

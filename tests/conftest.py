@@ -130,6 +130,15 @@ def running(demo, serve, **kwargs) -> Iterator[str]:
         demo.close()
 
 
+def kill(demo) -> None:
+    """Stop a served app the way a killed process stops: its open streams are cut, not waited for. (Gradio's
+    `close()` alone waits up to 5 s for them, then leaves the server running until they end.)"""
+    server = getattr(demo, "server", None)
+    if server is not None:
+        server.force_exit = True
+    demo.close()
+
+
 @pytest.fixture(scope="session")
 def private_app() -> ModuleType:
     return load_app("private_space")

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import httpx
-from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, free_port, front_app, running, visitor, wait_until
+from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, free_port, front_app, kill, running, visitor, wait_until
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from standin import StandInPipeline
@@ -66,7 +66,7 @@ def backend(private_app, service_time: float, port: int | None = None) -> Iterat
         wait_until(lambda: standin.intervals)
         yield f"http://127.0.0.1:{port}/", standin
     finally:
-        demo.close()
+        kill(demo)
 
 
 def pool(*urls: str, retry_after: float = 10.0) -> Backends:
@@ -161,11 +161,11 @@ def test_a_backend_closed_mid_run_loses_only_the_job_it_was_running(private_app,
             with running(front_app(public_app, pool(dying_url, other_url)), public_app.serve) as front:
                 jobs = [submit(front) for _ in range(6)]  # per backend: one on the GPU, one next to it, one queued
                 wait_until(lambda: dying_standin.inside == 1 and queued(dying_url) >= 1)
-                dying.close()  # its job on the GPU is held
+                kill(dying)  # its job on the GPU is held
                 other.release_all()
                 outcomes = [outcome(job) for job in jobs]
         finally:
-            dying.close()
+            kill(dying)
             dying_standin.release_all()
     assert sorted(outcomes) == sorted(["Done"] * 5 + [LOST]), outcomes
     assert jobs_run(other) == 5  # its own share and the two that had not started on the closed backend

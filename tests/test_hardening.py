@@ -176,13 +176,14 @@ def test_uploads_and_results_leave_the_disk_keep_files_s_after_their_last_use(
         return set(cache.glob("*/*"))
 
     with stack(private_app, public_app, front={"keep_files_s": KEEP_S}) as s:
-        clock = s.front_demo.backdrop_files.clock = Clock()  # files lapse when the test moves it, not before
+        files = s.front_demo.backdrop_files
+        files.clock = Clock()  # files lapse when the test moves it, not before
         client = Client(s.front, token=False, verbose=False, download_files=str(tmp_path / "downloads"))
         for _ in range(3):
             status = client.predict(handle_file(str(photo)), "casual", "male", api_name=API)[2]
             assert status.startswith("Done in ")
         assert kept()
-        clock.now += KEEP_S
+        files.clock.now += KEEP_S
         wait_until(lambda: not kept())  # the upload, its results: all gone once unused for keep_files_s
         assert not list(cache.glob("*"))  # their folders too
         with httpx.Client(base_url=s.front) as raw:
@@ -191,7 +192,7 @@ def test_uploads_and_results_leave_the_disk_keep_files_s_after_their_last_use(
             assert raw_call(raw, upload, "formal").startswith("Done in ")  # a second try on the same upload
             assert raw_call(raw, "/etc/hostname") == ""  # refused (422) before it is queued: no such upload
             assert kept()  # the upload and the results of the calls above, never fetched ...
-            clock.now += KEEP_S
+            files.clock.now += KEEP_S
             wait_until(lambda: not kept())  # ... are gone after keep_files_s
             assert raw_call(raw, upload) == public_app.UPLOAD_AGAIN
 
@@ -227,7 +228,8 @@ def raw_outputs(raw: httpx.Client, path: str, category: str = "casual", gender: 
 def test_a_shared_photo_stays_while_either_of_its_visitors_uses_it(private_app, public_app, tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))  # this app's uploads alone
     with stack(private_app, public_app, front={"keep_files_s": KEEP_S}) as s:
-        clock = s.front_demo.backdrop_files.clock = Clock()
+        files = s.front_demo.backdrop_files
+        files.clock = Clock()
         a, b = (
             httpx.Client(base_url=s.front, headers={"X-Forwarded-For": ip}) for ip in ("198.51.100.1", "198.51.100.2")
         )
@@ -243,12 +245,12 @@ def test_a_shared_photo_stays_while_either_of_its_visitors_uses_it(private_app, 
             assert raw_call(b, b_upload).startswith("Done in ")
             assert raw_call(a, a_upload).startswith("Done in ")
             assert raw_call(b, b_upload).startswith("Done in ")
-            clock.now += KEEP_S / 2
+            files.clock.now += KEEP_S / 2
             assert raw_call(a, a_upload).startswith("Done in ")  # a's claim renewed; b's has half its time left
-            clock.now += KEEP_S / 2 + 1
+            files.clock.now += KEEP_S / 2 + 1
             assert raw_call(b, b_upload) == public_app.UPLOAD_AGAIN  # b's lapsed; a's stands and keeps the photo
             assert Path(a_upload).exists()
-            clock.now += KEEP_S
+            files.clock.now += KEEP_S
             wait_until(lambda: not Path(a_upload).exists())  # with both claims lapsed, the photo goes
             assert raw_call(a, a_upload) == raw_call(b, b_upload) == public_app.UPLOAD_AGAIN
 
@@ -271,7 +273,7 @@ def test_gradio_keeps_no_record_of_the_files_removed(private_app, public_app, tm
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
     with running(private_app.create_app(StandInPipeline()), private_app.serve, token=TOKEN) as back:
         demo = front_app(public_app, Backends.connect([back], TOKEN), keep_files_s=KEEP_S)
-        clock = demo.backdrop_files.clock = Clock()
+        demo.backdrop_files.clock = Clock()
         with running(demo, public_app.serve) as url:
             records = demo.temp_file_sets
             before = sum(map(len, records))
@@ -281,7 +283,7 @@ def test_gradio_keeps_no_record_of_the_files_removed(private_app, public_app, tm
                 with Image.open(EXAMPLE_PHOTO) as example:
                     example.rotate(90 * turn).save(photo)  # a new file each time, as each visitor's photo is
                 assert client.predict(handle_file(str(photo)), "casual", "male", api_name=API)[2].startswith("Done")
-            clock.now += KEEP_S
+            demo.backdrop_files.clock.now += KEEP_S
             wait_until(lambda: emptied(cache))
             assert [name for kept in records for name in kept if not Path(name).exists()] == []
             assert sum(map(len, records)) == before

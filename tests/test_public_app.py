@@ -12,7 +12,7 @@ from pathlib import Path
 import gradio as gr
 import httpx
 import pytest
-from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, Stack, free_port, front_app, running, stack, visitor, wait_until
+from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, Stack, free_port, front_app, kill, running, stack, visitor, wait_until
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -203,7 +203,7 @@ def test_a_waking_backend_is_waited_for(private_app, public_app):
         try:
             assert job.result(timeout=120)[2].startswith("Done")
         finally:
-            back_demo.close()
+            kill(back_demo)
 
 
 def test_an_unreachable_backend_gives_a_clear_error(public_app):
@@ -223,7 +223,7 @@ def test_a_backend_dying_mid_job_then_coming_back(private_app, public_app):
         private_app.serve(back_demo, token=TOKEN, warm_up=False, server_name="127.0.0.1", server_port=port, quiet=True)
         job = submit(visitor(front))
         standin.wait_inside(1)
-        back_demo.close()  # the job is held on the GPU
+        kill(back_demo)  # the job is held on the GPU
         with pytest.raises(AppError) as raised:
             job.result(timeout=60)
         assert str(raised.value) == LOST
@@ -233,7 +233,7 @@ def test_a_backend_dying_mid_job_then_coming_back(private_app, public_app):
         try:
             assert submit(visitor(front)).result(timeout=30)[2].startswith("Done")
         finally:
-            revived.close()
+            kill(revived)
 
 
 def test_missing_configuration_is_said_on_the_page_and_in_the_log(public_app, caplog):

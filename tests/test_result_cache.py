@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from conftest import EXAMPLE_PHOTO, TOKEN, free_port, front_app, running, stack, visitor
+from conftest import EXAMPLE_PHOTO, TOKEN, free_port, front_app, kill, running, stack, visitor
 from gradio_client import handle_file
 from PIL import Image
 from standin import StandInPipeline
@@ -104,7 +104,7 @@ def backend_on(private_app, port: int, standin: StandInPipeline) -> Iterator[str
     try:
         yield f"http://127.0.0.1:{port}/"
     finally:
-        demo.close()
+        kill(demo)
 
 
 def test_the_backend_says_its_build_only_behind_its_token_and_other_settings_are_another_build(private_app) -> None:

@@ -19,10 +19,10 @@ def port_is_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
-def test_run_local_serves_both_apps_and_ctrl_c_stops_both(tmp_path):
+def test_run_local_serves_both_apps_and_ctrl_c_stops_both(tmp_path, tiny_models):
     front_port, back_port = free_port(), free_port()
     log = tmp_path / "run_local.log"
-    command = [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--tiny", "--models-dir", str(tmp_path / "m")]
+    command = [sys.executable, str(ROOT / "scripts" / "run_local.py"), "--tiny", "--models-dir", str(tiny_models)]
     command += ["--port", str(front_port), "--backend-port", str(back_port)]
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
