@@ -13,13 +13,14 @@ for run in $(seq 1 "$runs"); do
     loaders=()
     if [ "$run" -gt $((runs - busy)) ]; then
         for _ in $(seq 1 "$(nproc)"); do python3 -c "while True: pass" & loaders+=($!); done
-echo "logs: $logs"
     fi
     started=$(date +%s)
     (cd "$clone" && bash .ci/run) > "$logs/run$run.log" 2>&1
     status=$?
-    [ ${#loaders[@]} -gt 0 ] && kill "${loaders[@]}" 2>/dev/null
+    if [ ${#loaders[@]} -gt 0 ]; then kill "${loaders[@]}"; wait "${loaders[@]}" 2>/dev/null; fi
     summary=$(grep -E "^CI: [0-9]+ passed" "$logs/run$run.log" | tail -1)
-    echo "run $run (busy cores: ${#loaders[@]}): exit $status in $(( $(date +%s) - started )) s; ${summary:-no summary}"
+    pytest_time=$(grep -oE "in [0-9.]+s \([0-9:]+\) =*$" "$logs/run$run.log" | tail -1)
+    echo "run $run (busy cores: ${#loaders[@]}): exit $status in $(( $(date +%s) - started )) s" \
+        "(pytest ${pytest_time:-?}); ${summary:-no summary}"
 done
 echo "logs: $logs"
