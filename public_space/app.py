@@ -32,7 +32,7 @@ from photo_rules import PhotoError, load_photo, open_photo
 from relay import FAILED, Finished, Queued, RelayError, Running, Update, Waking
 from results import Results
 from sign_in import available, sign_in_button
-from visitors import FairShare, Refused, visitor_of
+from visitors import FairShare, TurnedAway, visitor_of
 from waiting import WaitMiddleware, line_now, poll_js
 
 BACKEND = [target.strip() for target in os.getenv("BACKEND", "").split(",") if target.strip()]  # Space ids or URLs
@@ -178,7 +178,7 @@ def sentence_of(error: Exception) -> str:
     traceback could carry the backend's address or a server path)."""
     if isinstance(error, gr.Error):
         return error.message
-    if isinstance(error, RelayError | Refused):
+    if isinstance(error, RelayError | TurnedAway):
         return str(error)
     logger.error("The relay failed with %s.", type(error).__name__)
     return FAILED

@@ -91,20 +91,20 @@ def outcome_of(error: BaseException | None) -> tuple[str, str]:
     """How a job that ended by `error` is counted: by the error's type, never by its text."""
     import gradio as gr  # noqa: PLC0415 - only the app's own errors are told apart here
 
-    from relay import Busy, Lost, Refused  # noqa: PLC0415 - relay.py needs no metrics
-    from visitors import Refused as Turned  # noqa: PLC0415
+    from relay import Busy, InputRefused, Lost  # noqa: PLC0415 - relay.py needs no metrics
+    from visitors import TurnedAway  # noqa: PLC0415
 
     if error is None:  # ended with neither a result nor an error
         return ("failed", "")
     if not isinstance(error, Exception):  # Stop, or the visitor left (CancelledError, GeneratorExit)
         return ("cancelled", "")
-    if isinstance(error, Turned):  # the visitor's fair share: jobs at once, or the rate
+    if isinstance(error, TurnedAway):  # the visitor's fair share: jobs at once, or the rate
         return ("refused", error.reason)
     if isinstance(error, gr.Error):  # the request's input: no photo, an unknown choice, a photo that cannot be used
         return ("refused", "bad_input")
     if isinstance(error, Busy):
         return ("refused", "queue_full")
-    if isinstance(error, Refused):
+    if isinstance(error, InputRefused):
         return ("refused", "bad_input")
     if isinstance(error, Lost):
         return ("lost", "")
