@@ -127,9 +127,8 @@ def counting_cost(jobs: int = 20000) -> tuple[float, float]:
     the run-to-run spread of a ~100 ms relayed call, which a side-by-side difference would only measure as noise.
     """
     sys.path.insert(0, str(ROOT / "public_space"))
-    from front_metrics import FrontMetrics
-
     from backends import Backends
+    from front_metrics import FrontMetrics
 
     metrics = FrontMetrics(Backends.connect(["http://127.0.0.1:9/"], None))
     started = time.perf_counter()
