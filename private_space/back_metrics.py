@@ -41,10 +41,10 @@ class BackMetrics:
         self.gpu_used = Counter("backdrop_gpu_used_seconds", "GPU seconds used.", registry=r)
 
     @contextlib.contextmanager
-    def job(self) -> Iterator[Job]:
+    def job(self) -> Iterator[CountedJob]:
         """One job served, for the length of the block: done if the block ends without an error, cancelled if it
-        is cancelled, else what the app says (`Job.refused`), or failed."""
-        job = Job()
+        is cancelled, else what the app says (`CountedJob.refused`), or failed."""
+        job = CountedJob()
         started = time.perf_counter()
         self.running.inc()
         try:
@@ -72,7 +72,7 @@ class BackMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class Job:
+class CountedJob:
     """One job's outcome, as the app tells it."""
 
     def __init__(self) -> None:

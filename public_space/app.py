@@ -311,7 +311,7 @@ def create_app(
             trusted_hops=trusted_proxy_hops,
             gradio_sets=demo.temp_file_sets,
         )
-        metrics = FrontMetrics(backend, kept_bytes=lambda: files.kept_bytes) if metrics_token else NoMetrics()
+        counting = FrontMetrics(backend, kept_bytes=lambda: files.kept_bytes) if metrics_token else None
         gr.Markdown("# Backdrop\nUpload a portrait, pick a style, and get a new background behind the person.")
         if sign_in:  # issue 13, item 6: a signed-in visitor's fair share is their own
             sign_in_button(size="sm", elem_id="sign-in")
@@ -338,7 +338,7 @@ def create_app(
             fair_share=FairShare(max_jobs_per_visitor, visitor_rate, sign_in=sign_in),
             trusted_hops=trusted_proxy_hops,
             files=files,
-            metrics=metrics,
+            metrics=counting or NoMetrics(),
             results=Results(  # result cache (issue 13, item 5): the example's results are everyone's
                 max_entries=result_cache_entries,
                 max_bytes=int(result_cache_mb * 2**20),
@@ -360,7 +360,7 @@ def create_app(
         example.click(None, js=_upload_example_js(), api_visibility="private")
         demo.load(None, js=poll_js("wait"), api_visibility="private")  # browser-only: it polls a read-only route
     demo.queue(default_concurrency_limit=None)
-    demo.backdrop_metrics = (metrics_token, metrics.render) if metrics_token else None  # serve(): GET /metrics
+    demo.backdrop_metrics = (metrics_token, counting.render) if counting else None  # serve(): GET /metrics
     demo.backdrop_files = files  # serve() hands it to the middleware that sees uploads and deliveries
     demo.backdrop_line = lambda: line_now(backend, about)  # ... and this to the one that serves the wait
     return demo
