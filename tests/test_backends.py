@@ -140,6 +140,8 @@ def test_a_backend_closed_mid_run_loses_only_the_job_it_was_running(private_app,
         with running(front_app(public_app, pool(dying_url, other_url)), public_app.serve) as front:
             jobs = [submit(front) for _ in range(6)]  # per backend: one on the GPU, one next to it, one queued
             wait_until(lambda: dying_standin.inside == 1 and queued(dying_url) >= 1)
+            # The front heard that work began on both jobs on a GPU (so it will not send the dying one's elsewhere).
+            wait_until(lambda: sum("Painting the backdrop" in latest(job) for job in jobs) == 2)
             kill(dying)  # its job on the GPU is held
             other.release_all()
             outcomes = [outcome(job) for job in jobs]

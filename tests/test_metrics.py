@@ -108,6 +108,11 @@ def ended(job) -> str:
         return str(error)
 
 
+def painting(job) -> bool:
+    """Its visitor was told that work on the picture began (the front will not send it elsewhere)."""
+    return any("Painting the backdrop" in output[2] for output in job.outputs())
+
+
 def test_every_counter_is_exact_after_a_known_sequence(private_app, public_app, rate_clock):
     fair = {"max_jobs_per_visitor": 1, "visitor_rate": "4/minute"}
     with stack(private_app, public_app, front={**fair, **COUNTING}) as s:
@@ -117,6 +122,7 @@ def test_every_counter_is_exact_after_a_known_sequence(private_app, public_app, 
         s.standin.hold()
         held = submit(you)  # rate: 2 of 4
         s.standin.wait_inside(1)
+        wait_until(lambda: now(scrape(s.front, METRICS_TOKEN))["running"] == 1)  # the front heard it start
         assert "in line" in ended(submit(you))  # fair share: one job at once
         held.cancel()
         wait_until(lambda: jobs(scrape(s.front, METRICS_TOKEN))["cancelled"] == 1)
@@ -170,6 +176,7 @@ def test_a_killed_backends_running_job_is_lost_and_its_waiting_jobs_moved_and_do
         with running(front_app(public_app, backends, **COUNTING), public_app.serve) as front:
             sent = [submit(visitor(front)) for _ in range(3)]  # nothing listens at the other yet: all go here
             wait_until(lambda: dying_standin.inside == 1 and placed(dying_url) == 3)  # on its GPU, beside, queued
+            wait_until(lambda: any(painting(job) for job in sent))  # the front heard that work on it began
             with backend(private_app, 0.0, port=other_port) as (other_url, _, _):
                 wait_until(lambda: not backends.backends[1].down)  # probed in the background: it takes jobs
                 assert done(submit(visitor(front)))  # the idle one takes the next job
