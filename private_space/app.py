@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol
 
 import gradio as gr
 import numpy as np
-from back_metrics import BackMetrics
 from gradio_client import Client
 from PIL import Image
 from starlette.middleware import Middleware
 
+from back_metrics import BackMetrics, CountFullQueue
 from gpu_gate import GpuGate
 from guard import launch_guarded
 from identity import BuildHeader, build_id
@@ -80,13 +82,16 @@ def all_prompts() -> list[str]:
     return [background_prompt(category, gender) for category in SCENES for gender in PEOPLE]
 
 
-def _check_choice(value: str, choices: dict[str, str], what: str) -> None:
-    if value not in choices:
-        valid = ", ".join(f"'{choice}'" for choice in choices)
-        raise gr.Error(f"Unknown {what} '{value}'. Choose one of {valid}.", print_exception=False)
+def _unknown_choice(category: str, gender: str) -> str | None:
+    """The sentence for a category or gender the app does not have, or None."""
+    for value, choices, what in ((category, SCENES, "category"), (gender, PEOPLE, "gender")):
+        if value not in choices:
+            valid = ", ".join(f"'{choice}'" for choice in choices)
+            return f"Unknown {what} '{value}'. Choose one of {valid}."
+    return None
 
 
-def create_app(  # noqa: PLR0915 - the metrics hooks
+def create_app(
     pipeline: Pipeline,
     *,
     gpu_concurrency: int = GPU_CONCURRENCY,
@@ -102,8 +107,25 @@ def create_app(  # noqa: PLR0915 - the metrics hooks
     a cancelled job's thread winds down.
     """
     gate = GpuGate(gpu_concurrency)
-    build = build_id([pipeline.settings, max_side])  # what its pictures depend on: see identity.py
     metrics = BackMetrics(waiting=lambda: _waiting(demo, endpoint))
+    decode = functools.partial(
+        decode_photo, max_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_megapixels * 1e6), max_side=max_side
+    )
+    with gr.Blocks(title="Backdrop backend") as demo:
+        gr.Markdown("This Space is API-only: the public Backdrop Space calls its `predict_api` endpoint.")
+        gr.api(_endpoint(pipeline, gate, metrics, decode), api_name=API_NAME, concurrency_limit=gate.slots)
+    (endpoint,) = (fn for fn in demo.fns.values() if fn.api_name == API_NAME)
+    demo.queue(max_size=queue_max_size, default_concurrency_limit=1)
+    gate.install(demo._queue, endpoint)  # ETAs follow the GPU (see gpu_gate), from the first finished job on
+    demo.backdrop_build = build_id([pipeline.settings, max_side])  # serve() says it on every response (identity.py)
+    demo.backdrop_metrics = metrics  # serve() serves them at /metrics to the token
+    return demo
+
+
+def _endpoint(
+    pipeline: Pipeline, gate: GpuGate, metrics: BackMetrics, decode: Callable[[str], Photo]
+) -> Callable[..., Awaitable[tuple[str, str, str, str]]]:
+    """The app's one endpoint: each job counted from start to end, its failures worded for the caller."""
 
     async def predict_api(image_b64: str, category: Category, gender: Gender) -> tuple[str, str, str, str]:
         """Segment the person in the photo and composite them onto a generated backdrop.
@@ -112,74 +134,49 @@ def create_app(  # noqa: PLR0915 - the metrics hooks
         when it needed no change, else WebP), the class overlay and the result (both WebP); and a status sentence.
         """
         started = time.perf_counter()
-        _check_choice(category, SCENES, "category")
-        _check_choice(gender, PEOPLE, "gender")
-        progress = gr.Progress()
-        metrics.running.inc()  # METRICS HOOK: one job served from here; its outcome is counted below
-        outcome = ("cancelled", "")
-        try:
-            async with gate.job() as job:  # the gate times each stage for the queue's estimates
-                photo = await asyncio.to_thread(decode, image_b64)
-                image = photo.image
-                prompt, seed = background_prompt(category, gender), seed_for(image, category, gender)
-                decoded = time.perf_counter()
-                if requested := getattr(pipeline, "requested_gpu_seconds", None):  # ZeroGPU's duration for it
-                    metrics.gpu_requested.inc(requested(image))
+        with metrics.job() as counted:  # done, failed, cancelled, or as refused below (back_metrics.py)
+            if unknown := _unknown_choice(category, gender):
+                counted.refused("bad_input")
+                raise gr.Error(unknown, print_exception=False)
+            try:
+                pictures = await make_pictures(image_b64, category, gender, gr.Progress())
+            except PhotoError as error:
+                counted.refused("bad_input")
+                raise gr.Error(str(error), print_exception=False) from None
+            except Exception as error:  # one line, no traceback: it could name paths or the model
+                logger.error("A job failed with %s.", type(error).__name__)
+                raise gr.Error(FAILED, print_exception=False) from None
+        return *pictures, f"Done in {time.perf_counter() - started:.1f} s"
 
-                def on_gpu() -> tuple[np.ndarray, Image.Image]:
-                    metrics.wait_s.observe(time.perf_counter() - decoded)
-                    on = time.perf_counter()
-                    try:
-                        return pipeline.render(image, prompt, seed, progress)
-                    finally:
-                        metrics.gpu_used.inc(time.perf_counter() - on)
+    async def make_pictures(image_b64: str, category: str, gender: str, progress: Any) -> tuple[str, str, str]:
+        """One job in its slot, where the gate times each stage for the queue's estimates: the photo decoded, the
+        GPU's turn, then the pictures composited and encoded."""
+        async with gate.job() as job:
+            photo = await asyncio.to_thread(decode, image_b64)
+            image = photo.image
+            prompt, seed = background_prompt(category, gender), seed_for(image, category, gender)
+            decoded = time.perf_counter()
+            if requested := getattr(pipeline, "requested_gpu_seconds", None):  # ZeroGPU's duration for it
+                metrics.gpu_requested.inc(requested(image))
 
-                class_map, background = await job.run(
-                    on_gpu, waiting=lambda: progress(0.0, desc="Waiting for the GPU")
-                )
-                progress(0.95, desc="Compositing")
-                pictures = await asyncio.to_thread(finish, photo, class_map, background)
-        except PhotoError as error:
-            outcome = ("refused", "bad_input")
-            raise gr.Error(str(error), print_exception=False) from None
-        except Exception as error:  # one line, no traceback: it could name paths or the model
-            outcome = ("failed", "")
-            logger.error("A job failed with %s.", type(error).__name__)
-            raise gr.Error(FAILED, print_exception=False) from None
-        else:
-            outcome = ("done", "")
-        finally:
-            metrics.running.dec()
-            metrics.jobs.labels(*outcome).inc()
-        finished = time.perf_counter()
-        metrics.run_s.observe(finished - started)
-        return *pictures, f"Done in {finished - started:.1f} s"
+            def on_gpu() -> tuple[np.ndarray, Image.Image]:
+                with metrics.gpu_turn(waiting_since=decoded):
+                    return pipeline.render(image, prompt, seed, progress)
 
-    def decode(image_b64: str) -> Photo:
-        return decode_photo(
-            image_b64,
-            max_bytes=int(max_upload_mb * 2**20),
-            max_pixels=int(max_megapixels * 1e6),
-            max_side=max_side,
-        )
+            class_map, background = await job.run(on_gpu, waiting=lambda: progress(0.0, desc="Waiting for the GPU"))
+            progress(0.95, desc="Compositing")
+            return await asyncio.to_thread(_finish, photo, class_map, background, len(pipeline.class_names))
 
-    def finish(photo: Photo, class_map: np.ndarray, background: Image.Image) -> tuple[str, str, str]:
-        """The photo the models saw, the class overlay and the result, encoded."""
-        return (
-            photo.original_b64 or encode_photo(photo.image),
-            encode_photo(overlay(photo.image, class_map, len(pipeline.class_names))),
-            encode_photo(composite(photo.image, class_map, background)),
-        )
+    return predict_api
 
-    with gr.Blocks(title="Backdrop backend") as demo:
-        gr.Markdown("This Space is API-only: the public Backdrop Space calls its `predict_api` endpoint.")
-        gr.api(predict_api, api_name=API_NAME, concurrency_limit=gate.slots)
-    (endpoint,) = (fn for fn in demo.fns.values() if fn.api_name == API_NAME)
-    demo.queue(max_size=queue_max_size, default_concurrency_limit=1)
-    gate.install(demo._queue, endpoint)  # ETAs follow the GPU (see gpu_gate), from the first finished job on
-    demo.backdrop_build = build  # serve() says it on every response (identity.py)
-    demo.backdrop_metrics = metrics  # serve() serves them at /metrics to the token
-    return demo
+
+def _finish(photo: Photo, class_map: np.ndarray, background: Image.Image, classes: int) -> tuple[str, str, str]:
+    """The photo the models saw, the class overlay and the result, encoded."""
+    return (
+        photo.original_b64 or encode_photo(photo.image),
+        encode_photo(overlay(photo.image, class_map, classes)),
+        encode_photo(composite(photo.image, class_map, background)),
+    )
 
 
 def _waiting(demo: gr.Blocks, fn: Any) -> float:
@@ -198,13 +195,14 @@ def serve(demo: gr.Blocks, *, token: str | None = BACKEND_TOKEN, warm_up: bool =
     limit = int(MAX_UPLOAD_MB * 2**20 * 2) + 2**20
     launch_kwargs.setdefault("state_session_capacity", KEPT_SESSIONS)
     build = Middleware(BuildHeader, build=demo.backdrop_build)
+    full_queue = Middleware(CountFullQueue, metrics=demo.backdrop_metrics)  # refused before the endpoint
     metrics = (token, demo.backdrop_metrics.render) if token else None  # /metrics: the maintainer's token only
     launch_guarded(
         demo,
         api_name=API_NAME,
         token=token,
         max_body_bytes=limit,
-        middleware=[build],
+        middleware=[build, full_queue],
         metrics=metrics,
         **launch_kwargs,
     )

@@ -19,20 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
-from front_metrics import FrontMetrics, Job, outcome_of
 from gradio.data_classes import ImageData
 from PIL import Image, ImageOps
 from starlette.middleware import Middleware
 
 from backends import RETRY_DOWN_S, Backends
 from files import EXAMPLE_ROUTE, Files, FilesMiddleware
+from front_metrics import FrontMetrics, Job, NoMetrics
 from guard import launch_guarded
 from pacing import Pacer, Tail, ticking
 from photo_rules import PhotoError, load_photo, open_photo
-from relay import FAILED, Finished, Queued, RelayError, Running, Update, Waking
+from relay import FAILED, Finished, Queued, RelayError, Running, Unavailable, Update, Waking
 from results import Results
 from sign_in import available, sign_in_button
-from visitors import FairShare, Refused, visitor_of
+from visitors import FairShare, TurnedAway, visitor_of
 from waiting import WaitMiddleware, line_now, poll_js
 
 BACKEND = [target.strip() for target in os.getenv("BACKEND", "").split(",") if target.strip()]  # Space ids or URLs
@@ -144,9 +144,10 @@ Outputs = tuple[Any, Any, str]  # overlay, result (as Gradio sends files; or "ke
 
 
 def check_request(backend: Backends | None, image: dict[str, Any] | None, category: str, gender: str) -> None:
-    """Refuse (gr.Error) a request that cannot be relayed, with the sentence that says why."""
+    """Refuse a request that cannot be relayed, with the sentence that says why: Unavailable when there is no
+    backend, else gr.Error (the input)."""
     if backend is None:
-        raise gr.Error(NOT_CONFIGURED, print_exception=False)
+        raise Unavailable(NOT_CONFIGURED)
     if not isinstance(image, dict) or not isinstance(image.get("path"), str) or not image["path"]:
         raise gr.Error(NO_PHOTO, print_exception=False)
     for value, choices, what in ((category, CATEGORIES, "category"), (gender, GENDERS, "gender")):
@@ -178,7 +179,7 @@ def sentence_of(error: Exception) -> str:
     traceback could carry the backend's address or a server path)."""
     if isinstance(error, gr.Error):
         return error.message
-    if isinstance(error, RelayError | Refused):
+    if isinstance(error, RelayError | TurnedAway):
         return str(error)
     logger.error("The relay failed with %s.", type(error).__name__)
     return FAILED
@@ -193,7 +194,7 @@ def relay_endpoint(
     trusted_hops: int,
     files: Files,
     results: Results,
-    metrics: FrontMetrics,
+    metrics: FrontMetrics | NoMetrics,
 ) -> Callable[..., AsyncIterator[Outputs]]:
     """The endpoint: one visitor's request, held to their fair share, relayed to the backend as its own job."""
     decoding = asyncio.Semaphore(DECODES_AT_ONCE)
@@ -215,7 +216,7 @@ def relay_endpoint(
                         yield each
                 return
             except Exception as error:  # not BaseException: a cancel (Stop, a visitor gone) ends the run as it is
-                counted.outcome = outcome_of(error) if backend is not None else ("failed", "")
+                counted.ended_by(error)
                 sentence = sentence_of(error)
         if not on_page:
             raise gr.Error(sentence, print_exception=False)
@@ -288,6 +289,7 @@ def create_app(
     result_cache_entries: int = RESULT_CACHE_ENTRIES,
     result_cache_mb: float = RESULT_CACHE_MB,
     sign_in: bool | None = None,
+    metrics_token: str | None = METRICS_TOKEN,
     delete_cache: tuple[int, int] | None = None,
 ) -> gr.Blocks:
     """Build the page around `backend` (None when unconfigured); serve it with `serve()`, which adds the guard.
@@ -296,6 +298,8 @@ def create_app(
     own sweep (every, older than; seconds), off: it removes files by age whatever their use, a photo being tried
     again or a result about to be downloaded included. Set it only as a backstop far longer than `keep_files_s`.
     `sign_in`: show "Sign in with Hugging Face" (default: where the Space provides OAuth, sign_in.py).
+    `metrics_token`: the maintainer's token for GET /metrics; without one there is no such route, and nothing is
+    counted (front_metrics.py).
     """
     sign_in = available() if sign_in is None else sign_in
     with gr.Blocks(title="Backdrop", delete_cache=delete_cache) as demo:
@@ -307,7 +311,7 @@ def create_app(
             trusted_hops=trusted_proxy_hops,
             gradio_sets=demo.temp_file_sets,
         )
-        metrics = FrontMetrics(backend, kept_bytes=lambda: files.kept_bytes)
+        counting = FrontMetrics(backend, kept_bytes=lambda: files.kept_bytes) if metrics_token else None
         gr.Markdown("# Backdrop\nUpload a portrait, pick a style, and get a new background behind the person.")
         if sign_in:  # issue 13, item 6: a signed-in visitor's fair share is their own
             sign_in_button(size="sm", elem_id="sign-in")
@@ -334,7 +338,7 @@ def create_app(
             fair_share=FairShare(max_jobs_per_visitor, visitor_rate, sign_in=sign_in),
             trusted_hops=trusted_proxy_hops,
             files=files,
-            metrics=metrics,
+            metrics=counting or NoMetrics(),
             results=Results(  # result cache (issue 13, item 5): the example's results are everyone's
                 max_entries=result_cache_entries,
                 max_bytes=int(result_cache_mb * 2**20),
@@ -356,7 +360,7 @@ def create_app(
         example.click(None, js=_upload_example_js(), api_visibility="private")
         demo.load(None, js=poll_js("wait"), api_visibility="private")  # browser-only: it polls a read-only route
     demo.queue(default_concurrency_limit=None)
-    demo.backdrop_metrics = metrics  # serve() serves them at /metrics to METRICS_TOKEN
+    demo.backdrop_metrics = (metrics_token, counting.render) if counting else None  # serve(): GET /metrics
     demo.backdrop_files = files  # serve() hands it to the middleware that sees uploads and deliveries
     demo.backdrop_line = lambda: line_now(backend, about)  # ... and this to the one that serves the wait
     return demo
@@ -391,14 +395,13 @@ def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
         sys.modules.setdefault("matplotlib", None)  # a failed import then costs nothing instead of a path search
     files = Middleware(FilesMiddleware, files=demo.backdrop_files, example=EXAMPLE_PHOTO.read_bytes())
     wait = Middleware(WaitMiddleware, figure=demo.backdrop_line)
-    metrics = (METRICS_TOKEN, demo.backdrop_metrics.render) if METRICS_TOKEN else None
     launch_guarded(
         demo,
         api_name=API_NAME,
         allow_uploads=True,
         max_file_size="20mb",
         middleware=[files, wait],
-        metrics=metrics,
+        metrics=demo.backdrop_metrics,
         **launch_kwargs,
     )
 

@@ -2,6 +2,9 @@
 
 Every figure is defined here, and counted through `FrontMetrics` alone. No label or value ever names a visitor,
 an account, a photo or a backend's address: backends are labelled by their place ("backend 1 of 2").
+
+The app counts only when it has a metrics token (METRICS_TOKEN): without one there is no /metrics route and so no
+reader, and the app gets `NoMetrics`, whose jobs count nothing (`bench.py counting` measures the difference).
 """
 
 from __future__ import annotations
@@ -10,20 +13,54 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import gradio as gr
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from backends import Backends
+from relay import Busy, InputRefused, Lost
+from visitors import TurnedAway
 
 OUTCOMES = ("done", "failed", "cancelled", "lost")
 REFUSALS = ("fair_share", "rate", "bad_input", "queue_full")
 SECONDS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
+class Job:
+    """One request, from its admission until it ends however it ends, as the app reports it (a context manager).
+
+    This one counts nothing: it is what `NoMetrics` gives. `FrontMetrics` gives a `CountedJob`.
+    """
+
+    def __enter__(self) -> Job:
+        return self
+
+    def run(self) -> None:
+        """The backend started the job (the app may say so more than once)."""
+
+    def done(self) -> None:
+        """The job's result is here."""
+
+    def ended_by(self, error: Exception) -> None:
+        """The job ended by `error`, which the app caught to tell its visitor why."""
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> None:
+        pass
+
+
+class NoMetrics:
+    """The app without a metrics token: nothing can read figures, so none are kept."""
+
+    def job(self) -> Job:
+        return Job()
+
+
 class FrontMetrics:
     """One registry per app (tests run several apps in one process): jobs by outcome, waiting and running now,
     wait and run times, each backend's health and counts, and the bytes of files kept."""
 
-    def __init__(self, pool: Any = None, kept_bytes: Callable[[], float] | None = None) -> None:
+    def __init__(self, pool: Backends | None = None, kept_bytes: Callable[[], float] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.jobs = Counter(
             "backdrop_jobs", "Jobs by outcome; refusals by reason.", ["outcome", "reason"], registry=self.registry
@@ -46,15 +83,15 @@ class FrontMetrics:
             self.registry.register(_PoolCollector(pool))
 
     def job(self) -> Job:
-        return Job(self)
+        return CountedJob(self)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class Job:
-    """One request's count: a context manager; its outcome is set by the app (`refused`, `done`) or, when it ends
-    by an exception, told from the exception's type."""
+class CountedJob(Job):
+    """A job counted: waiting from admission, running from the backend's start, then its outcome, told from how it
+    ended (`done`, the error the app caught, or the exception it ended by)."""
 
     def __init__(self, metrics: FrontMetrics) -> None:
         self.metrics = metrics
@@ -66,11 +103,7 @@ class Job:
         self.metrics.waiting.inc()
         return self
 
-    def refused(self, reason: str) -> None:
-        self.outcome = ("refused", reason)
-
     def run(self) -> None:
-        """The backend started the job (counted once)."""
         if self.running_since is None:
             self.running_since = time.monotonic()
             self.metrics.waiting.dec()
@@ -82,6 +115,9 @@ class Job:
         if self.running_since is not None:
             self.metrics.run_s.observe(time.monotonic() - self.running_since)
 
+    def ended_by(self, error: Exception) -> None:
+        self.outcome = outcome_of(error)
+
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, _tb: object) -> None:
         (self.metrics.running if self.running_since is not None else self.metrics.waiting).dec()
         self.metrics.jobs.labels(*(self.outcome or outcome_of(error))).inc()
@@ -89,22 +125,17 @@ class Job:
 
 def outcome_of(error: BaseException | None) -> tuple[str, str]:
     """How a job that ended by `error` is counted: by the error's type, never by its text."""
-    import gradio as gr  # noqa: PLC0415 - only the app's own errors are told apart here
-
-    from relay import Busy, Lost, Refused  # noqa: PLC0415 - relay.py needs no metrics
-    from visitors import Refused as Turned  # noqa: PLC0415
-
     if error is None:  # ended with neither a result nor an error
         return ("failed", "")
     if not isinstance(error, Exception):  # Stop, or the visitor left (CancelledError, GeneratorExit)
         return ("cancelled", "")
-    if isinstance(error, Turned):  # the visitor's fair share: jobs at once, or the rate
+    if isinstance(error, TurnedAway):  # the visitor's fair share: jobs at once, or the rate
         return ("refused", error.reason)
     if isinstance(error, gr.Error):  # the request's input: no photo, an unknown choice, a photo that cannot be used
         return ("refused", "bad_input")
     if isinstance(error, Busy):
         return ("refused", "queue_full")
-    if isinstance(error, Refused):
+    if isinstance(error, InputRefused):
         return ("refused", "bad_input")
     if isinstance(error, Lost):
         return ("lost", "")
@@ -114,7 +145,7 @@ def outcome_of(error: BaseException | None) -> tuple[str, str]:
 class _PoolCollector:
     """Each backend's figures, read from the pool at each scrape."""
 
-    def __init__(self, pool: Any) -> None:
+    def __init__(self, pool: Backends) -> None:
         self.pool = pool
 
     def collect(self) -> Iterator[Any]:

@@ -49,7 +49,7 @@ class Busy(RelayError):
         super().__init__(BUSY)
 
 
-class Refused(RelayError):
+class InputRefused(RelayError):
     """The backend refused the input (its validator's sentence, the same on every backend)."""
 
 
@@ -223,7 +223,7 @@ async def join(
     if response.status_code == 503 and "queue is full" in response.text.lower():
         raise Busy
     if response.status_code == 422:  # the backend's own validator sentence
-        raise Refused(str(response.json().get("detail", FAILED)))
+        raise InputRefused(str(response.json().get("detail", FAILED)))
     return checked(response, "queue", name).json()["event_id"]
 
 

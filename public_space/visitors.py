@@ -68,8 +68,8 @@ class Refusal(str):
         return refusal
 
 
-class Refused(Exception):
-    """A request turned away: its message is the sentence that says why (and when to try again)."""
+class TurnedAway(Exception):
+    """A visitor turned away by their fair share: its message is the sentence that says why (and when to try again)."""
 
     def __init__(self, refusal: Refusal) -> None:
         super().__init__(str(refusal))
@@ -115,9 +115,9 @@ class FairShare:
 
     @contextlib.contextmanager
     def slot(self, visitor: str) -> Iterator[None]:
-        """Hold one of `visitor`'s slots for the length of the block, however it ends; `Refused` when none is free."""
+        """Hold one of `visitor`'s slots for the length of the block, however it ends; TurnedAway when none is free."""
         if refusal := self.admit(visitor):
-            raise Refused(refusal)
+            raise TurnedAway(refusal)
         try:
             yield
         finally:

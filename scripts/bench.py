@@ -47,6 +47,7 @@ CORES = sorted(os.sched_getaffinity(0))
 BACKEND_CORES = {CORES[0]} if len(CORES) > 1 else set(CORES)
 FRONT_CORES = set(CORES[1:]) or set(CORES)  # the front and the callers
 SSL = ssl.create_default_context()
+QUIET = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
 
 
 @dataclass
@@ -92,56 +93,43 @@ def start(
     raise SystemExit(f"{command} did not start")
 
 
-def start_stack(
-    service_time: float, token: str, front_env: dict[str, str] | None = None
-) -> tuple[str, str, list[subprocess.Popen]]:
-    back_port, front_port = free_port(), free_port()
-    back, front = f"http://127.0.0.1:{back_port}/", f"http://127.0.0.1:{front_port}/"
-    quiet = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    backend = start(
-        [sys.executable, __file__, "--serve-backend", str(back_port), "--service-time", str(service_time)],
-        {**quiet, "BACKEND_TOKEN": token},
-        f"{back}config",
+def start_backend(service_time: float, token: str) -> tuple[str, subprocess.Popen]:
+    """The private app around the stand-in, on a core of its own, warmed up; its URL and process."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    process = start(
+        [sys.executable, __file__, "--serve-backend", str(port), "--service-time", str(service_time)],
+        {**QUIET, "BACKEND_TOKEN": token},
+        f"{url}config",
         BACKEND_CORES,
         {"Authorization": f"Bearer {token}"},
     )
     time.sleep(1 + service_time)  # the warm-up request
-    env = {**quiet, "BACKEND": back, "HF_TOKEN": token, "GRADIO_SERVER_PORT": str(front_port)}
+    return url, process
+
+
+def start_front(back: str, token: str, front_env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
+    """`public_space/app.py` in front of `back`, sharing the callers' cores; its URL and process."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    env = {**QUIET, "BACKEND": back, "HF_TOKEN": token, "GRADIO_SERVER_PORT": str(port)}
     # Every caller here is one visitor, 127.0.0.1, and each sends the same photo: no fair share, no result cache.
     env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": "", "RESULT_CACHE_ENTRIES": "0"}
-    front_proc = start(
-        [sys.executable, str(ROOT / "public_space" / "app.py")], env | (front_env or {}), front, FRONT_CORES
-    )
-    return back, front, [backend, front_proc]
+    command = [sys.executable, str(ROOT / "public_space" / "app.py")]
+    return url, start(command, env | (front_env or {}), url, FRONT_CORES)
+
+
+def start_stack(
+    service_time: float, token: str, front_env: dict[str, str] | None = None
+) -> tuple[str, str, list[subprocess.Popen]]:
+    back, backend = start_backend(service_time, token)
+    front, front_process = start_front(back, token, front_env)
+    return back, front, [backend, front_process]
 
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def counting_cost(jobs: int = 20000) -> tuple[float, float]:
-    """(µs the public app's counting adds to one job, ms of one /metrics render with one backend), in this process.
-
-    Timed here rather than as a difference of two relayed runs: a job's counting is a few microseconds, far below
-    the run-to-run spread of a ~100 ms relayed call, which a side-by-side difference would only measure as noise.
-    """
-    sys.path.insert(0, str(ROOT / "public_space"))
-    from front_metrics import FrontMetrics
-
-    from backends import Backends
-
-    metrics = FrontMetrics(Backends.connect(["http://127.0.0.1:9/"], None))
-    started = time.perf_counter()
-    for _ in range(jobs):
-        with metrics.job() as job:
-            job.run()
-            job.done()
-    per_job = (time.perf_counter() - started) / jobs
-    started = time.perf_counter()
-    for _ in range(200):
-        metrics.render()
-    return 1e6 * per_job, 1000 * (time.perf_counter() - started) / 200
 
 
 def latency(calls: int, token: str) -> None:
@@ -173,11 +161,6 @@ def latency(calls: int, token: str) -> None:
             [u - d for u, d in zip(times["unfetched"], times["direct"], strict=True)], 0.5
         )
         print(f"  of which the relay, without downloading the two result files: {unfetched_ms:.1f} ms p50")
-        per_job_us, render_ms = counting_cost()
-        print(
-            f"  of which counting (metrics): {per_job_us:.1f} µs per job ({100 * per_job_us / 1000 / added_ms:.3f} % "
-            f"of the p95 added latency above); one /metrics scrape: {render_ms:.2f} ms"
-        )
     finally:
         for process in processes:
             process.kill()
@@ -330,6 +313,7 @@ MODES: dict[str, str] = {
     "example-cache": "bench_cache",  # the result cache: the example photo again while the GPU queue is full
     "etas": "bench_etas",  # the first wait each visitor is told against their result: stand-in and full size
     "front": "bench_front",  # the public front's CPU per request beside a plain Gradio app, and its maximum rate
+    "counting": "bench_counting",  # the relay's added latency with the front counting (METRICS_TOKEN) and without
 }
 
 

@@ -8,6 +8,9 @@ job that enters reports its first step, then waits until the test calls `release
 `release_all()`; after `hold(every_step=True)` it waits so at each step. `wait_inside(n)` waits until `n` jobs are
 inside. Nothing then depends on how fast the machine is. `release_everyone()` lets every held job of every
 stand-in go on: the tests call it after each test, so a failing one never leaves a thread waiting.
+
+A test that needs a job to fail calls `fail_next()`: the next job that enters raises `FailedOnPurpose` at once (as
+the models raising would), and is neither held nor recorded among the jobs that ran (`intervals`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ HELD_AT_MOST_S = 120.0  # a held job that is never released ends anyway, so a fa
 _ALL: weakref.WeakSet[StandInPipeline] = weakref.WeakSet()
 
 
+class FailedOnPurpose(RuntimeError):
+    """A job the test asked to fail (`StandInPipeline.fail_next`)."""
+
+
 class StandInPipeline:
     def __init__(self, service_time: float = 0.0, steps: int = 2) -> None:
         self.service_time = service_time
@@ -40,6 +47,7 @@ class StandInPipeline:
         self._held = False
         self._every_step = False
         self._releases = threading.Semaphore(0)
+        self._failing = 0  # jobs still to fail on purpose
         _ALL.add(self)
 
     @property
@@ -58,6 +66,11 @@ class StandInPipeline:
             self._releases = threading.Semaphore(0)
         self._every_step = every_step
         self._held = True
+
+    def fail_next(self, jobs: int = 1) -> None:
+        """The next `jobs` jobs that enter raise FailedOnPurpose at once."""
+        with self._lock:
+            self._failing += jobs
 
     def release(self, jobs: int = 1) -> None:
         """Let `jobs` held jobs (present or future) go on."""
@@ -90,6 +103,10 @@ class StandInPipeline:
     def render(
         self, photo: Image.Image, prompt: str, seed: int, progress: Any = None
     ) -> tuple[np.ndarray, Image.Image]:
+        with self._changed:
+            failing, self._failing = self._failing > 0, max(0, self._failing - 1)
+        if failing:
+            raise FailedOnPurpose("the test asked this job to fail")
         with self._changed:
             self.inside += 1
             self.entered += 1

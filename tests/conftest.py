@@ -25,13 +25,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
+import httpx
 import pytest
 from gradio_client import Client
 
 if TYPE_CHECKING:
     from standin import StandInPipeline
+
+    from backends import Backends
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PHOTO = ROOT / "public_space" / "examples" / "astronaut.png"
@@ -223,3 +226,46 @@ def visitor(url: str, headers: dict[str, str] | None = None) -> Client:
 @pytest.fixture
 def photo_b64() -> str:
     return base64.b64encode(EXAMPLE_PHOTO.read_bytes()).decode()
+
+
+# Several backends behind one front (tests/test_backends.py, tests/test_metrics.py).
+
+
+class LocalBackend(NamedTuple):
+    url: str
+    standin: StandInPipeline
+    demo: object  # the private app's Blocks: `kill(demo)` stops it, mid-run if a test wants
+
+
+@contextlib.contextmanager
+def backend(private_app, service_time: float, port: int | None = None) -> Iterator[LocalBackend]:
+    """A warmed-up private app with a stand-in of this service time (the backend then announces its job time)."""
+    from standin import StandInPipeline
+
+    standin = StandInPipeline(service_time=service_time)
+    demo = private_app.create_app(standin)
+    serve = private_app.serve
+    if port is None:
+        with running(demo, serve, token=TOKEN, warm_up=True) as url:
+            assert standin.intervals, "the warm-up did not go through"
+            yield LocalBackend(url, standin, demo)
+        return
+    serve(demo, token=TOKEN, warm_up=True, server_name="127.0.0.1", server_port=port, quiet=True)
+    try:
+        wait_until(lambda: standin.intervals)
+        yield LocalBackend(f"http://127.0.0.1:{port}/", standin, demo)
+    finally:
+        kill(demo)
+
+
+def pool(*urls: str, retry_after: float = 10.0) -> Backends:
+    """The front's pool of these backends, each labelled by its place ("backend 1 of 2")."""
+    from backends import Backend, Backends
+
+    return Backends([Backend(url, TOKEN, wake_timeout=10, retry_after=retry_after) for url in urls])
+
+
+def queued(back: str) -> int:
+    """Jobs waiting in this backend's queue (not started), as it says."""
+    headers = {"x-hf-authorization": f"Bearer {TOKEN}"}
+    return int(httpx.get(f"{back}gradio_api/queue/status", headers=headers).json()["queue_size"])

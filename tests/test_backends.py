@@ -15,15 +15,26 @@ from collections.abc import Coroutine, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
-import httpx
-from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, free_port, front_app, kill, running, visitor, wait_until
+from conftest import (
+    EXAMPLE_PHOTO,
+    ROOT,
+    backend,
+    free_port,
+    front_app,
+    kill,
+    pool,
+    queued,
+    running,
+    visitor,
+    wait_until,
+)
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from standin import StandInPipeline
 
 import backends
 import relay
-from backends import Backend, Backends
+from backends import Backends
 from relay import FAILED, LOST
 
 API = "/predict_api"
@@ -45,38 +56,10 @@ def jobs_run(standin: StandInPipeline, warmed: bool = True) -> int:
     return len(standin.intervals) - (1 if warmed else 0)
 
 
-def queued(back: str) -> int:
-    headers = {"x-hf-authorization": f"Bearer {TOKEN}"}
-    return int(httpx.get(f"{back}gradio_api/queue/status", headers=headers).json()["queue_size"])
-
-
-@contextlib.contextmanager
-def backend(private_app, service_time: float, port: int | None = None) -> Iterator[tuple[str, StandInPipeline]]:
-    """A warmed-up private app with a stand-in of this service time (the backend then announces its job time)."""
-    standin = StandInPipeline(service_time=service_time)
-    demo = private_app.create_app(standin)
-    serve = private_app.serve
-    if port is None:
-        with running(demo, serve, token=TOKEN, warm_up=True) as url:
-            assert standin.intervals, "the warm-up did not go through"
-            yield url, standin
-        return
-    serve(demo, token=TOKEN, warm_up=True, server_name="127.0.0.1", server_port=port, quiet=True)
-    try:
-        wait_until(lambda: standin.intervals)
-        yield f"http://127.0.0.1:{port}/", standin
-    finally:
-        kill(demo)
-
-
-def pool(*urls: str, retry_after: float = 10.0) -> Backends:
-    return Backends([Backend(url, TOKEN, wake_timeout=10, retry_after=retry_after) for url in urls])
-
-
 def test_two_backends_share_the_work_and_the_slower_one_gets_fewer_jobs(private_app, public_app):
     with (
-        backend(private_app, 0.1) as (fast_url, fast),
-        backend(private_app, 0.6) as (slow_url, slow),
+        backend(private_app, 0.1) as (fast_url, fast, _),
+        backend(private_app, 0.6) as (slow_url, slow, _),
         running(front_app(public_app, pool(slow_url, fast_url)), public_app.serve) as front,
     ):
         jobs = [submit(front) for _ in range(10)]
@@ -94,7 +77,7 @@ def test_two_backends_share_the_work_and_the_slower_one_gets_fewer_jobs(private_
 def test_a_down_backend_is_skipped_unnoticed_and_used_again_once_it_answers(private_app, public_app):
     dead_port = free_port()
     backends = pool(f"http://127.0.0.1:{dead_port}/", "", retry_after=0.2)
-    with backend(private_app, 0.1) as (live_url, live):
+    with backend(private_app, 0.1) as (live_url, live, _):
         backends.backends[1].target = live_url
         with running(front_app(public_app, backends), public_app.serve) as front:
             first = submit(front)
@@ -102,7 +85,7 @@ def test_a_down_backend_is_skipped_unnoticed_and_used_again_once_it_answers(priv
             assert not any("Waking" in output[2] for output in first.outputs())
             assert backends.backends[0].down
             assert jobs_run(live) == 1
-            with backend(private_app, 0.1, port=dead_port) as (_, revived):
+            with backend(private_app, 0.1, port=dead_port) as (_, revived, _):
                 wait_until(lambda: not backends.backends[0].down)  # probed in the background
                 assert outcome(submit(front)) == "Done"
                 assert jobs_run(revived) == 1  # idle and first in the list: it took the job
@@ -136,7 +119,7 @@ def answering(status: int) -> Iterator[tuple[str, list[str]]]:
 
 
 def test_a_backend_answering_an_unexpected_error_is_skipped_and_the_job_done_on_another(private_app, public_app):
-    with answering(405) as (odd_url, asked), backend(private_app, 0.1) as (live_url, live):
+    with answering(405) as (odd_url, asked), backend(private_app, 0.1) as (live_url, live, _):
         backends = pool(odd_url, live_url)
         with running(front_app(public_app, backends), public_app.serve) as front:
             assert outcome(submit(front)) == "Done"  # the first choice answered 405: the job went on to the other
@@ -148,25 +131,20 @@ def test_a_backend_answering_an_unexpected_error_is_skipped_and_the_job_done_on_
 
 
 def test_a_backend_closed_mid_run_loses_only_the_job_it_was_running(private_app, public_app):
-    with backend(private_app, 0.2) as (other_url, other):
-        port = free_port()
-        dying_standin = StandInPipeline(service_time=0.2)
-        dying = private_app.create_app(dying_standin)
-        private_app.serve(dying, token=TOKEN, warm_up=True, server_name="127.0.0.1", server_port=port, quiet=True)
-        dying_url = f"http://127.0.0.1:{port}/"
-        try:
-            wait_until(lambda: dying_standin.intervals)
-            other.hold()
-            dying_standin.hold()
-            with running(front_app(public_app, pool(dying_url, other_url)), public_app.serve) as front:
-                jobs = [submit(front) for _ in range(6)]  # per backend: one on the GPU, one next to it, one queued
-                wait_until(lambda: dying_standin.inside == 1 and queued(dying_url) >= 1)
-                kill(dying)  # its job on the GPU is held
-                other.release_all()
-                outcomes = [outcome(job) for job in jobs]
-        finally:
-            kill(dying)
-            dying_standin.release_all()
+    with (
+        backend(private_app, 0.2) as (other_url, other, _),
+        backend(private_app, 0.2) as (dying_url, dying_standin, dying),
+    ):
+        other.hold()
+        dying_standin.hold()
+        with running(front_app(public_app, pool(dying_url, other_url)), public_app.serve) as front:
+            jobs = [submit(front) for _ in range(6)]  # per backend: one on the GPU, one next to it, one queued
+            wait_until(lambda: dying_standin.inside == 1 and queued(dying_url) >= 1)
+            # The front heard that work began on both jobs on a GPU (so it will not send the dying one's elsewhere).
+            wait_until(lambda: sum("Painting the backdrop" in latest(job) for job in jobs) == 2)
+            kill(dying)  # its job on the GPU is held
+            other.release_all()
+            outcomes = [outcome(job) for job in jobs]
     assert sorted(outcomes) == sorted(["Done"] * 5 + [LOST]), outcomes
     assert jobs_run(other) == 5  # its own share and the two that had not started on the closed backend
 
@@ -218,8 +196,8 @@ def test_backend_takes_a_comma_separated_list_with_one_token():
 
 def test_stop_cancels_only_that_visitors_job_on_the_backend_that_holds_it(private_app, public_app):
     with (
-        backend(private_app, 0.2) as (a_url, a),
-        backend(private_app, 0.2) as (b_url, b),
+        backend(private_app, 0.2) as (a_url, a, _),
+        backend(private_app, 0.2) as (b_url, b, _),
         running(front_app(public_app, pool(a_url, b_url)), public_app.serve) as front,
     ):
         a.hold()

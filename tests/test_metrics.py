@@ -1,15 +1,40 @@
-"""The maintainer's /metrics on both apps: exact counts after a known sequence, and only for the token."""
+"""The maintainer's /metrics on both apps: exact counts after known sequences, and only for the token.
+
+Each sequence's jobs are held where it needs them with the stand-in's latch, and every counter of both apps is
+compared whole (`jobs`, `now`, `per_backend`), so a count that moved where it should not fails the test too.
+"""
 
 from __future__ import annotations
 
+import base64
+
 import httpx
-from conftest import EXAMPLE_PHOTO, TOKEN, stack, visitor, wait_until
-from gradio_client import handle_file
+import pytest
+from conftest import (
+    EXAMPLE_PHOTO,
+    TOKEN,
+    backend,
+    free_port,
+    front_app,
+    kill,
+    pool,
+    queued,
+    running,
+    stack,
+    visitor,
+    wait_until,
+)
+from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from prometheus_client.parser import text_string_to_metric_families
 
+import front_metrics
+from relay import BUSY, LOST
+
 API = "/predict_api"
 METRICS_TOKEN = "metrics-test-token-7c2e"
+COUNTING = {"metrics_token": METRICS_TOKEN}  # the public app counts only with a metrics token
+JOB_FAILED = "Something went wrong while processing the photo."  # the backend's sentence for a failed job
 
 
 def scrape(url: str, token: str) -> dict[tuple[str, tuple], float]:
@@ -22,70 +47,160 @@ def scrape(url: str, token: str) -> dict[tuple[str, tuple], float]:
     }
 
 
-def jobs(figures: dict, outcome: str, reason: str = "") -> float:
-    return figures[("backdrop_jobs_total", (("outcome", outcome), ("reason", reason)))]
+def jobs(figures: dict) -> dict[str, float]:
+    """Every job counter: {"done": 3, "refused rate": 1, ...} (the outcome, then the reason if it has one)."""
+    return {
+        " ".join(filter(None, (labels["outcome"], labels["reason"]))): value
+        for (name, pairs), value in figures.items()
+        if name == "backdrop_jobs_total" and (labels := dict(pairs))
+    }
+
+
+def now(figures: dict) -> dict[str, float]:
+    """Jobs waiting and running now, and how many waits and runs the histograms timed."""
+    return {
+        "waiting": figures[("backdrop_jobs_waiting", ())],
+        "running": figures[("backdrop_jobs_running", ())],
+        "waits timed": figures[("backdrop_wait_seconds_count", ())],
+        "runs timed": figures[("backdrop_run_seconds_count", ())],
+    }
+
+
+def placed(back: str) -> float:
+    """Jobs the backend holds, as its own figures say: those in a slot and those in its queue."""
+    figures = now(scrape(back, TOKEN))
+    return figures["running"] + figures["waiting"]
+
+
+def per_backend(figures: dict) -> dict[str, dict[str, float]]:
+    """The front's figures for each backend, by label: up, jobs sent, jobs moved to another."""
+    names = {"up": "backdrop_backend_up", "sent": "backdrop_backend_jobs_sent_total"}
+    names["moved"] = "backdrop_backend_jobs_moved_total"
+    labels = sorted({dict(pairs)["backend"] for (name, pairs) in figures if name == names["up"]})
+    return {label: {key: figures[(name, (("backend", label),))] for key, name in names.items()} for label in labels}
+
+
+def front_jobs(**counts: float) -> dict[str, float]:
+    """The front's job counters: these, and 0 for every other outcome and reason."""
+    outcomes = [*front_metrics.OUTCOMES, *(f"refused {reason}" for reason in front_metrics.REFUSALS)]
+    return {outcome: counts.get(outcome.replace(" ", "_"), 0) for outcome in outcomes}
+
+
+def back_jobs(**counts: float) -> dict[str, float]:
+    """The backend's job counters: these, and 0 for every other outcome and reason."""
+    outcomes = ["done", "failed", "cancelled", "refused bad_input", "refused queue_full"]
+    return {outcome: counts.get(outcome.replace(" ", "_"), 0) for outcome in outcomes}
 
 
 def submit(client, category: str = "casual"):
     return client.submit(handle_file(str(EXAMPLE_PHOTO)), category, "female", api_name=API)
 
 
-def refused(job) -> str:
+def done(job) -> bool:
+    return job.result(timeout=60)[2].startswith("Done")
+
+
+def ended(job) -> str:
+    """'Done', or the sentence its visitor was told."""
     try:
-        job.result(timeout=60)
+        return "Done" if done(job) else "not done"
     except AppError as error:
         return str(error)
-    return "not refused"
 
 
-def test_every_counter_is_exact_after_a_known_sequence(private_app, public_app, monkeypatch, rate_clock):
-    monkeypatch.setattr(public_app, "METRICS_TOKEN", METRICS_TOKEN)
+def painting(job) -> bool:
+    """Its visitor was told that work on the picture began (the front will not send it elsewhere)."""
+    return any("Painting the backdrop" in output[2] for output in job.outputs())
+
+
+def test_every_counter_is_exact_after_a_known_sequence(private_app, public_app, rate_clock):
     fair = {"max_jobs_per_visitor": 1, "visitor_rate": "4/minute"}
-    with stack(private_app, public_app, front=fair) as s:
+    with stack(private_app, public_app, front={**fair, **COUNTING}) as s:
         you = visitor(s.front)
-        assert submit(you).result(timeout=60)[2].startswith("Done")  # done 1 (rate: 1 of 4)
-        assert "Unknown category" in refused(submit(you, "nope"))  # bad input, before the fair share
+        assert done(submit(you))  # done 1 (rate: 1 of 4)
+        assert "Unknown category" in ended(submit(you, "nope"))  # bad input, before the fair share
         s.standin.hold()
         held = submit(you)  # rate: 2 of 4
         s.standin.wait_inside(1)
-        assert "in line" in refused(submit(you))  # fair share: one job at once
+        wait_until(lambda: now(scrape(s.front, METRICS_TOKEN))["running"] == 1)  # the front heard it start
+        assert "in line" in ended(submit(you))  # fair share: one job at once
         held.cancel()
-        wait_until(lambda: jobs(scrape(s.front, METRICS_TOKEN), "cancelled") == 1)
+        wait_until(lambda: jobs(scrape(s.front, METRICS_TOKEN))["cancelled"] == 1)
         s.standin.release_all()
-        wait_until(lambda: jobs(scrape(s.back, TOKEN), "cancelled") == 1)
+        wait_until(lambda: jobs(scrape(s.back, TOKEN))["cancelled"] == 1)
         for _ in range(2):  # rate: 3 and 4 of 4
-            assert submit(you).result(timeout=60)[2].startswith("Done")
-        assert "too many photos" in refused(submit(you))  # rate
+            assert done(submit(you))
+        assert "too many photos" in ended(submit(you))  # rate
         front, back = scrape(s.front, METRICS_TOKEN), scrape(s.back, TOKEN)
-    assert {o: jobs(front, o) for o in ("done", "failed", "cancelled", "lost")} == {
-        "done": 3,
-        "failed": 0,
-        "cancelled": 1,
-        "lost": 0,
+    assert jobs(front) == front_jobs(done=3, cancelled=1, refused_fair_share=1, refused_rate=1, refused_bad_input=1)
+    # Waits: the three done and the cancelled one started; runs: the three done.
+    assert now(front) == {"waiting": 0, "running": 0, "waits timed": 4, "runs timed": 3}
+    assert per_backend(front) == {"backend 1 of 1": {"up": 1, "sent": 4, "moved": 0}}
+    assert jobs(back) == back_jobs(done=4, cancelled=1)  # the warm-up and the three; the front refused the rest
+    assert now(back) == {"waiting": 0, "running": 0, "waits timed": 5, "runs timed": 4}
+
+
+def test_a_failed_job_a_full_queue_and_bad_input_sent_to_the_backend_are_counted_exactly(private_app, public_app):
+    with stack(private_app, public_app, front=COUNTING, queue_max_size=1) as s:
+        s.standin.fail_next()
+        assert JOB_FAILED in ended(submit(visitor(s.front)))  # failed on the backend's GPU
+        s.standin.hold()
+        held = [submit(visitor(s.front))]  # on the GPU
+        s.standin.wait_inside(1)
+        held.append(submit(visitor(s.front)))  # in the second slot, waiting for the GPU
+        wait_until(lambda: now(scrape(s.back, TOKEN))["running"] == 2)
+        held.append(submit(visitor(s.front)))  # the one place in the backend's queue
+        wait_until(lambda: queued(s.back) == 1)
+        assert ended(submit(visitor(s.front))) == BUSY  # queue full
+        s.standin.release_all()
+        assert all(done(job) for job in held)
+        direct = Client(s.back, token=TOKEN, verbose=False, download_files=False)  # what the front would refuse
+        photo = base64.b64encode(EXAMPLE_PHOTO.read_bytes()).decode()
+        for image_b64, category in ((base64.b64encode(b"not a photo").decode(), "casual"), (photo, "nope")):
+            with pytest.raises(AppError):
+                direct.predict(image_b64, category, "female", api_name=API)
+        front, back = scrape(s.front, METRICS_TOKEN), scrape(s.back, TOKEN)
+    assert jobs(front) == front_jobs(done=3, failed=1, refused_queue_full=1)
+    assert now(front) == {"waiting": 0, "running": 0, "waits timed": 4, "runs timed": 3}  # the failed one started
+    assert per_backend(front) == {"backend 1 of 1": {"up": 1, "sent": 4, "moved": 0}}  # the refused one never joined
+    assert jobs(back) == back_jobs(done=4, failed=1, refused_queue_full=1, refused_bad_input=2)
+    # Waits for the GPU: the warm-up, the failed job and the three; bad input never got that far.
+    assert now(back) == {"waiting": 0, "running": 0, "waits timed": 5, "runs timed": 4}
+
+
+def test_a_killed_backends_running_job_is_lost_and_its_waiting_jobs_moved_and_done(private_app, public_app):
+    other_port = free_port()
+    with backend(private_app, 0.0) as (dying_url, dying_standin, dying):
+        backends = pool(dying_url, f"http://127.0.0.1:{other_port}/", retry_after=0.2)
+        dying_standin.hold()
+        with running(front_app(public_app, backends, **COUNTING), public_app.serve) as front:
+            sent = [submit(visitor(front)) for _ in range(3)]  # nothing listens at the other yet: all go here
+            wait_until(lambda: dying_standin.inside == 1 and placed(dying_url) == 3)  # on its GPU, beside, queued
+            wait_until(lambda: any(painting(job) for job in sent))  # the front heard that work on it began
+            with backend(private_app, 0.0, port=other_port) as (other_url, _, _):
+                wait_until(lambda: not backends.backends[1].down)  # probed in the background: it takes jobs
+                assert done(submit(visitor(front)))  # the idle one takes the next job
+                before = scrape(dying_url, TOKEN)
+                kill(dying)  # its job on the GPU is held
+                outcomes = [ended(job) for job in sent]
+                figures, back = scrape(front, METRICS_TOKEN), scrape(other_url, TOKEN)
+    assert sorted(outcomes) == sorted([LOST, "Done", "Done"]), outcomes
+    assert jobs(before) == back_jobs(done=1)  # the dying backend, before it died: its warm-up
+    assert now(before) == {"waiting": 1, "running": 2, "waits timed": 2, "runs timed": 1}
+    assert jobs(figures) == front_jobs(done=3, lost=1)
+    # Each job's wait was timed once: the two that started on the dying backend, the moved one, the other's own.
+    assert now(figures) == {"waiting": 0, "running": 0, "waits timed": 4, "runs timed": 3}
+    assert per_backend(figures) == {
+        "backend 1 of 2": {"up": 0, "sent": 3, "moved": 2},  # all but the one it was running went on
+        "backend 2 of 2": {"up": 1, "sent": 3, "moved": 0},  # its own and the two moved
     }
-    assert {r: jobs(front, "refused", r) for r in ("fair_share", "rate", "bad_input", "queue_full")} == {
-        "fair_share": 1,
-        "rate": 1,
-        "bad_input": 1,
-        "queue_full": 0,
-    }
-    assert front[("backdrop_jobs_waiting", ())] == front[("backdrop_jobs_running", ())] == 0
-    assert front[("backdrop_wait_seconds_count", ())] == 4  # the three done and the cancelled one started
-    assert front[("backdrop_run_seconds_count", ())] == 3
-    label = (("backend", "backend 1 of 1"),)
-    assert front[("backdrop_backend_up", label)] == 1
-    assert front[("backdrop_backend_jobs_sent_total", label)] == 4
-    assert front[("backdrop_backend_jobs_moved_total", label)] == 0
-    assert jobs(back, "done") == 4  # the warm-up and the three
-    assert jobs(back, "cancelled") == 1
-    assert back[("backdrop_jobs_running", ())] == 0
-    assert back[("backdrop_run_seconds_count", ())] == 4
+    assert jobs(back) == back_jobs(done=4)  # the other backend: its warm-up, its own and the two moved
+    assert now(back) == {"waiting": 0, "running": 0, "waits timed": 4, "runs timed": 4}
 
 
 def test_metrics_answer_only_the_maintainers_token_and_name_no_visitor(private_app, public_app, monkeypatch):
-    monkeypatch.setattr(public_app, "METRICS_TOKEN", METRICS_TOKEN)
-    with stack(private_app, public_app) as s:
-        assert submit(visitor(s.front)).result(timeout=60)[2].startswith("Done")
+    with stack(private_app, public_app, front=COUNTING) as s:
+        assert done(submit(visitor(s.front)))
         unknown = httpx.get(f"{s.front}no-such-route")
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": f"Bearer {TOKEN}"}):
             answer = httpx.get(f"{s.front}metrics", headers=headers)
@@ -100,21 +215,23 @@ def test_metrics_answer_only_the_maintainers_token_and_name_no_visitor(private_a
             assert "127.0.0.1" not in figures
             assert "address" not in figures
             assert s.back not in figures
-    monkeypatch.setattr(public_app, "METRICS_TOKEN", None)
-    with stack(private_app, public_app) as s:
+    counted: list[object] = []
+    monkeypatch.setattr(front_metrics.CountedJob, "__enter__", lambda job: counted.append(job) or job)
+    with stack(private_app, public_app, front={"metrics_token": None}) as s:  # no metrics token
+        assert done(submit(visitor(s.front)))
         assert httpx.get(f"{s.front}metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"}).status_code == 404
+    assert counted == []  # no route, and nothing counted: no job of the front cost any counting
 
 
 def test_deploy_status_reads_both_apps_and_says_which_is_down(private_app, public_app, monkeypatch):
     import deploy
 
-    monkeypatch.setattr(public_app, "METRICS_TOKEN", METRICS_TOKEN)
     monkeypatch.setenv("METRICS_TOKEN", METRICS_TOKEN)
     monkeypatch.setenv("BACKEND_TOKEN", TOKEN)
     printed: list[str] = []
     monkeypatch.setattr("builtins.print", lambda text="", **_: printed.append(str(text)))
-    with stack(private_app, public_app) as s:
-        assert submit(visitor(s.front)).result(timeout=60)[2].startswith("Done")
+    with stack(private_app, public_app, front=COUNTING) as s:
+        assert done(submit(visitor(s.front)))
         assert deploy.main(["status", "--frontend", s.front, "--backend", s.back]) == 0
         screen = "\n".join(printed)
         assert f"frontend {s.front}: up · waiting 0 · running 0" in screen
