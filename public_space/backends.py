@@ -84,12 +84,15 @@ class Figures:
         """Seconds from `now` until a job sent now would finish here: one gap after the last job already sent.
 
         Each job already sent ends when the backend last said it would (its place's ETA while it waits, the ETA
-        announced at its start once started); each one with no announcement yet adds one more gap.
+        announced at its start once started); each one with no announcement yet adds one more gap. A job past the
+        time announced for it is not over: the overdue ones still hold their places, one gap each from now (a
+        stalled backend would otherwise look idle and draw every new job).
         """
         gap = self.gap or default_gap
         dues = [job.due - now for job in self.jobs.values() if job.due is not None]
+        overdue = sum(due <= 0 for due in dues)
         unannounced = len(self.jobs) - len(dues)
-        return max([0.0, *dues]) + (unannounced + 1) * gap
+        return max([overdue * gap, *dues]) + (unannounced + 1) * gap
 
     def note(self, job: Job, update: Update) -> None:
         """Keep what the backend announces about a job: its expected finish while it waits, and from its start the

@@ -15,6 +15,7 @@ from collections.abc import Coroutine, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
+import pytest
 from conftest import (
     EXAMPLE_PHOTO,
     ROOT,
@@ -34,7 +35,7 @@ from standin import StandInPipeline
 
 import backends
 import relay
-from backends import Backends
+from backends import Backends, Figures, Job
 from relay import FAILED, LOST
 
 API = "/predict_api"
@@ -202,12 +203,22 @@ def test_stop_cancels_only_that_visitors_job_on_the_backend_that_holds_it(privat
     ):
         a.hold()
         b.hold()
-        jobs = [submit(front) for _ in range(6)]  # per backend: one held on the GPU, one next to it, one queued
-        wait_until(lambda: a.inside == b.inside == 1 and queued(a_url) == queued(b_url) == 1)
-        wait_until(lambda: len([job for job in jobs if "in line" in latest(job)]) == 2)
-        leaver = next(job for job in jobs if "in line" in latest(job))
+        jobs = []
+        for _ in range(6):  # one at a time, each once it is placed: two held on the GPUs, two next to them, two queued
+            jobs.append(submit(front))
+            wait_until(lambda: placed(jobs[-1]), what="the job placed on a backend")
+        in_line = lambda: [job for job in jobs if "in line" in latest(job)]  # noqa: E731
+        waiting = lambda: {url: queued(url) for url in (a_url, b_url)}  # noqa: E731
+        wait_until(lambda: a.inside == b.inside == 1, what="a job held on each backend's GPU")
+        wait_until(lambda: len(in_line()) == sum(waiting().values()) > 0, what="the visitors in line as queued")
+        before = waiting()
+        leaver = in_line()[0]
         leaver.cancel()
-        wait_until(lambda: queued(a_url) + queued(b_url) == 1)  # it left its queue while the jobs ahead were held
+        wait_until(
+            lambda: sum(waiting().values()) == sum(before.values()) - 1
+        )  # it left while the jobs ahead were held
+        after = waiting()
+        assert sorted(before[url] - after[url] for url in before) == [0, 1]  # one backend's queue; the other's stays
         a.release_all()
         b.release_all()
         outcomes = [outcome(job) for job in jobs if job is not leaver]
@@ -215,6 +226,24 @@ def test_stop_cancels_only_that_visitors_job_on_the_backend_that_holds_it(privat
     assert jobs_run(a) + jobs_run(b) == 5  # the leaver's job never ran, on either backend
 
 
+def placed(job) -> bool:
+    """The backend has the job: its visitor is told a place in its queue or that work on it began."""
+    return any(words in latest(job) for words in ("in line", "Working on your photo"))
+
+
 def latest(job) -> str:
     outputs = job.outputs()
     return outputs[-1][2] if outputs else ""
+
+
+def test_a_backend_whose_jobs_are_past_their_announced_time_still_counts_them():
+    """A stalled backend (its jobs overdue) must not look idle, or it would draw every new job."""
+    now = 1000.0
+    stalled, idle, busy = Figures(), Figures(), Figures()
+    for figures in (stalled, idle, busy):
+        figures.service = 0.5
+    stalled.jobs = {f"s{i}": Job(session=f"s{i}", due=now - 5.0) for i in range(3)}  # held: 5 s overdue
+    busy.jobs = {"b": Job(session="b", due=now + 0.4)}  # one job, on time
+    assert idle.expected_finish(now, 1.0) == 0.5
+    assert busy.expected_finish(now, 1.0) == pytest.approx(0.9)
+    assert stalled.expected_finish(now, 1.0) == 2.0  # one gap for each of its three jobs and one for the new one
