@@ -85,6 +85,7 @@ def main() -> int:
     public_url = f"http://{args.host}:{args.port}/"
     processes: list[subprocess.Popen] = []
     signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops both apps as Ctrl-C does
+    signal.signal(signal.SIGINT, _interrupt)  # Ctrl-C too, even when started where SIGINT is ignored (`cmd &`)
     try:
         backend_env = env | {"BACKEND_TOKEN": token, "GRADIO_SERVER_PORT": str(args.backend_port)}
         processes.append(subprocess.Popen([sys.executable, "app.py"], cwd=ROOT / "private_space", env=backend_env))
