@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -200,15 +200,17 @@ def front_app(public_app, backend, **kwargs):
     return public_app.create_app(backend, delete_cache=None, **{**NO_FAIR_SHARE, **NO_RESULT_CACHE, **kwargs})
 
 
-def wait_until(condition, timeout: float = WAIT_S, what: str | None = None) -> None:
-    """Wait for `condition()` to hold; fail, saying what was awaited, if it never does.
+def wait_until(condition, timeout: float = WAIT_S, what: str | Callable[[], str] | None = None) -> None:
+    """Wait for `condition()` to hold; fail, saying what was awaited, if it never does (`what` may be a function:
+    it is called then, to say how things stood).
 
     `timeout` is not a timing assumption: it is how long a test waits before calling the feature broken.
     """
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:.0f} s for {what or _source(condition)}; it never happened")
+            awaited = what() if callable(what) else what
+            raise AssertionError(f"waited {timeout:.0f} s for {awaited or _source(condition)}; it never happened")
         time.sleep(0.01)
 
 

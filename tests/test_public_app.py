@@ -80,7 +80,8 @@ def test_a_queued_caller_sees_its_place_an_eta_then_progress_then_results(privat
         jobs.append(submit(visitor(s.front)))
         wait_until(lambda: seen(jobs[3], "2nd in line"))
         s.standin.release(3)  # the three ahead go on; this one is held at its first step in turn
-        wait_until(lambda: seen(jobs[3], "Painting the backdrop"))
+        painting = lambda: seen(jobs[3], "Painting the backdrop")  # noqa: E731
+        wait_until(painting, what=lambda: f"'Painting the backdrop' ({diagnosis(s, jobs)})")
         s.standin.release_all()
         overlay, result, status = jobs[3].result(timeout=60)
         seen_lines = statuses(jobs[3])
@@ -93,6 +94,12 @@ def test_a_queued_caller_sees_its_place_an_eta_then_progress_then_results(privat
     assert status.startswith("Done in ")
     assert overlay
     assert result
+
+
+def diagnosis(s: Stack, jobs: list) -> str:
+    """How things stand, for a failed wait: the stand-in's jobs, the backend's queue, each visitor's last line."""
+    lines = [statuses(job)[-1:] for job in jobs]
+    return f"inside {s.standin.inside}, entered {s.standin.entered}, queued {queued(s)}, last lines {lines}"
 
 
 def queued(s: Stack) -> int:
