@@ -19,7 +19,7 @@ for run in $(seq 1 "$runs"); do
     status=$?
     if [ ${#loaders[@]} -gt 0 ]; then kill "${loaders[@]}"; wait "${loaders[@]}" 2>/dev/null; fi
     summary=$(grep -E "^CI: [0-9]+ passed" "$logs/run$run.log" | tail -1)
-    pytest_time=$(grep -oE "in [0-9.]+s \([0-9:]+\) =*$" "$logs/run$run.log" | tail -1)
+    pytest_time=$(grep -oE "in [0-9.]+s \([0-9:]+\)" "$logs/run$run.log" | tail -1)
     echo "run $run (busy cores: ${#loaders[@]}): exit $status in $(( $(date +%s) - started )) s" \
         "(pytest ${pytest_time:-?}); ${summary:-no summary}"
 done
