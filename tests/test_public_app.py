@@ -12,7 +12,20 @@ from pathlib import Path
 import gradio as gr
 import httpx
 import pytest
-from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, Stack, free_port, front_app, kill, running, stack, visitor, wait_until
+from conftest import (
+    EXAMPLE_PHOTO,
+    ROOT,
+    TOKEN,
+    Stack,
+    free_port,
+    front_app,
+    kill,
+    queued,
+    running,
+    stack,
+    visitor,
+    wait_until,
+)
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -76,7 +89,7 @@ def test_a_queued_caller_sees_its_place_an_eta_then_progress_then_results(privat
     with stack(private_app, public_app) as s:
         jobs = fill_the_gpu(s)
         jobs.append(submit(visitor(s.front)))
-        wait_until(lambda: queued(s) == 1)
+        wait_until(lambda: queued(s.back) == 1)
         jobs.append(submit(visitor(s.front)))
         wait_until(lambda: seen(jobs[3], "2nd in line"))
         s.standin.release(3)  # the three ahead go on; this one is held at its first step in turn
@@ -99,12 +112,7 @@ def test_a_queued_caller_sees_its_place_an_eta_then_progress_then_results(privat
 def diagnosis(s: Stack, jobs: list) -> str:
     """How things stand, for a failed wait: the stand-in's jobs, the backend's queue, each visitor's last line."""
     lines = [statuses(job)[-1:] for job in jobs]
-    return f"inside {s.standin.inside}, entered {s.standin.entered}, queued {queued(s)}, last lines {lines}"
-
-
-def queued(s: Stack) -> int:
-    headers = {"x-hf-authorization": f"Bearer {TOKEN}"}
-    return int(httpx.get(f"{s.back}gradio_api/queue/status", headers=headers).json()["queue_size"])
+    return f"inside {s.standin.inside}, entered {s.standin.entered}, queued {queued(s.back)}, last lines {lines}"
 
 
 def test_countdown_is_smooth_between_backend_updates(private_app, public_app):
@@ -129,11 +137,11 @@ def test_cancelling_a_queued_visitor_touches_no_one_else(private_app, public_app
     with stack(private_app, public_app) as s:
         ahead = fill_the_gpu(s)
         second = submit(visitor(s.front))
-        wait_until(lambda: queued(s) == 1)
+        wait_until(lambda: queued(s.back) == 1)
         third = submit(visitor(s.front), category="formal")
-        wait_until(lambda: queued(s) == 2)
+        wait_until(lambda: queued(s.back) == 2)
         third.cancel()
-        wait_until(lambda: queued(s) == 1)  # the third left the backend queue while the jobs ahead were held
+        wait_until(lambda: queued(s.back) == 1)  # the third left the backend queue while the jobs ahead were held
         s.standin.release_all()
         assert all(job.result(timeout=60)[2].startswith("Done") for job in [*ahead, second])
         assert submit(visitor(s.front)).result(timeout=60)[2].startswith("Done")  # queued after the third was
@@ -161,7 +169,7 @@ def test_a_dropped_connection_cancels_only_that_visitors_job(private_app, public
                     if "in line" in line:
                         break  # the visitor is waiting in the backend queue; now they vanish
         left = time.monotonic()
-        wait_until(lambda: queued(s) == 0)
+        wait_until(lambda: queued(s.back) == 0)
         assert s.standin.inside == 1  # the first visitor's job is still running (held): the leaver's was removed
         print(f"the backend queue noticed in {time.monotonic() - left:.1f} s")
         s.standin.release_all()
@@ -189,7 +197,7 @@ def test_a_full_backend_queue_says_busy(private_app, public_app):
     with stack(private_app, public_app, queue_max_size=1) as s:
         ahead = fill_the_gpu(s)
         queued_job = submit(visitor(s.front))
-        wait_until(lambda: queued(s) == 1)
+        wait_until(lambda: queued(s.back) == 1)
         with pytest.raises(AppError) as raised:
             submit(visitor(s.front)).result(timeout=60)
         assert str(raised.value) == BUSY
