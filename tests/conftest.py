@@ -16,6 +16,7 @@ import inspect
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -52,6 +53,10 @@ GRADIO_CACHE = tempfile.mkdtemp(prefix=f"backdrop-tests-{os.getenv('PYTEST_XDIST
 os.environ["GRADIO_TEMP_DIR"] = GRADIO_CACHE
 atexit.register(shutil.rmtree, GRADIO_CACHE, ignore_errors=True)
 WAIT_S = 60.0  # how long a test waits for a state before it fails: a broken feature, not a slow machine
+# httpx builds an SSL context for every call that is not given one: the CA bundle read again, about 40 ms of CPU,
+# which a test polling a route every 10 ms spends all the time. The test servers are plain http on loopback; every
+# client here (gradio_client's `ssl_verify`, httpx's `verify`) shares this one context instead.
+TLS = ssl.create_default_context()
 
 
 @pytest.fixture(scope="session")
@@ -220,9 +225,9 @@ def _source(condition) -> str:
     return repr(condition)
 
 
-def visitor(url: str, headers: dict[str, str] | None = None) -> Client:
-    """A visitor of their own: each Client is one session, as each browser tab is."""
-    return Client(url, token=False, verbose=False, headers=headers)
+def visitor(url: str, headers: dict[str, str] | None = None, **options) -> Client:
+    """A visitor of their own: each Client is one session, as each browser tab is (`options`: Client's own)."""
+    return Client(url, token=False, verbose=False, headers=headers, ssl_verify=TLS, **options)
 
 
 @pytest.fixture
@@ -270,4 +275,4 @@ def pool(*urls: str, retry_after: float = 10.0) -> Backends:
 def queued(back: str) -> int:
     """Jobs waiting in this backend's queue (not started), as it says."""
     headers = {"x-hf-authorization": f"Bearer {TOKEN}"}
-    return int(httpx.get(f"{back}gradio_api/queue/status", headers=headers).json()["queue_size"])
+    return int(httpx.get(f"{back}gradio_api/queue/status", headers=headers, verify=TLS).json()["queue_size"])

@@ -17,7 +17,7 @@ import gradio as gr
 import httpx
 import pytest
 from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, WAIT_S, Clock, front_app, running, stack, visitor, wait_until
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from PIL import Image, JpegImagePlugin
 
 from photo_rules import PhotoError
@@ -181,7 +181,7 @@ def test_uploads_and_results_leave_the_disk_keep_files_s_after_their_last_use(
     with stack(private_app, public_app, front={"keep_files_s": KEEP_S}) as s:
         files = s.front_demo.backdrop_files
         files.clock = Clock()  # files lapse when the test moves it, not before
-        client = Client(s.front, token=False, verbose=False, download_files=str(tmp_path / "downloads"))
+        client = visitor(s.front, download_files=str(tmp_path / "downloads"))
         for _ in range(3):
             status = client.predict(handle_file(str(photo)), "casual", "male", api_name=API)[2]
             assert status.startswith("Done in ")
@@ -277,7 +277,7 @@ def test_gradio_keeps_no_record_of_the_files_removed(private_app, public_app, tm
         with running(demo, public_app.serve) as url:
             records = demo.temp_file_sets
             before = sum(map(len, records))
-            client = Client(url, token=False, verbose=False, download_files=str(tmp_path / "downloads"))
+            client = visitor(url, download_files=str(tmp_path / "downloads"))
             for turn in range(3):
                 photo = tmp_path / f"photo-{turn}.png"
                 with Image.open(EXAMPLE_PHOTO) as example:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import EXAMPLE_PHOTO, Clock, stack, visitor, wait_until
+from conftest import EXAMPLE_PHOTO, TLS, Clock, stack, visitor, wait_until
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -206,7 +206,7 @@ def test_the_wait_figure_counts_the_photos_out_and_shows_no_one(private_app, pub
         jobs = [visitor(s.front).submit(handle_file(str(EXAMPLE_PHOTO)), "casual", "male", api_name=API)]
         s.standin.wait_inside(1)
         jobs += [visitor(s.front).submit(handle_file(str(EXAMPLE_PHOTO)), "formal", "male", api_name=API)]
-        wait_until(lambda: httpx.get(f"{s.front}backdrop/wait").json()["ahead"] == 2)
+        wait_until(lambda: httpx.get(f"{s.front}backdrop/wait", verify=TLS).json()["ahead"] == 2)
         line = httpx.get(f"{s.front}backdrop/wait")
         s.standin.release_all()
         for job in jobs:

@@ -12,6 +12,7 @@ import httpx
 import pytest
 from conftest import (
     EXAMPLE_PHOTO,
+    TLS,
     TOKEN,
     backend,
     free_port,
@@ -38,7 +39,7 @@ JOB_FAILED = "Something went wrong while processing the photo."  # the backend's
 
 
 def scrape(url: str, token: str) -> dict[tuple[str, tuple], float]:
-    response = httpx.get(f"{url}metrics", headers={"authorization": f"Bearer {token}"})
+    response = httpx.get(f"{url}metrics", headers={"authorization": f"Bearer {token}"}, verify=TLS)
     assert response.status_code == 200, response.text
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -154,7 +155,8 @@ def test_a_failed_job_a_full_queue_and_bad_input_sent_to_the_backend_are_counted
         assert ended(submit(visitor(s.front))) == BUSY  # queue full
         s.standin.release_all()
         assert all(done(job) for job in held)
-        direct = Client(s.back, token=TOKEN, verbose=False, download_files=False)  # what the front would refuse
+        # Straight to the backend: inputs the front would refuse.
+        direct = Client(s.back, token=TOKEN, verbose=False, download_files=False, ssl_verify=TLS)
         photo = base64.b64encode(EXAMPLE_PHOTO.read_bytes()).decode()
         for image_b64, category in ((base64.b64encode(b"not a photo").decode(), "casual"), (photo, "nope")):
             with pytest.raises(AppError):

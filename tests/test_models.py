@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import EXAMPLE_PHOTO, ROOT, running
+from conftest import EXAMPLE_PHOTO, ROOT, TLS, running
 from gradio_client import Client
 from make_tiny_models import LABELS, clip_tokenizer
 from PIL import Image
@@ -185,7 +185,7 @@ def test_a_tiny_autoencoder_decodes_in_place_of_the_vae_through_the_app(
     buffer = io.BytesIO()
     photo.save(buffer, format="PNG")
     with running(private_app.create_app(model), private_app.serve, warm_up=False) as url:
-        client = Client(url, token=False, verbose=False, download_files=False)
+        client = Client(url, token=False, verbose=False, download_files=False, ssl_verify=TLS)
         photo_b64 = base64.b64encode(buffer.getvalue()).decode()
         *pictures, status = client.predict(photo_b64, "casual", "male", api_name="/predict_api")
         client.close()

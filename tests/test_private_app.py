@@ -10,7 +10,7 @@ import zlib
 
 import httpx
 import pytest
-from conftest import EXAMPLE_PHOTO, running, wait_until
+from conftest import EXAMPLE_PHOTO, TLS, running, wait_until
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -20,7 +20,7 @@ API = "/predict_api"
 
 
 def client_for(url: str, token: str | bool = False) -> Client:
-    return Client(url, token=token, verbose=False, download_files=False)
+    return Client(url, token=token, verbose=False, download_files=False, ssl_verify=TLS)
 
 
 def png_b64(image: Image.Image, fmt: str = "PNG") -> str:

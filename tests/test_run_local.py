@@ -9,7 +9,7 @@ import sys
 import time
 
 import httpx
-from conftest import EXAMPLE_PHOTO, ROOT, free_port
+from conftest import EXAMPLE_PHOTO, ROOT, TLS, free_port
 from gradio_client import Client, handle_file
 from PIL import Image
 
@@ -33,7 +33,7 @@ def test_run_local_serves_both_apps_and_ctrl_c_stops_both(tmp_path, tiny_models)
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
         assert httpx.get(f"http://127.0.0.1:{back_port}/config").status_code == 401  # the backend is locked
-        client = Client(f"http://127.0.0.1:{front_port}/", token=False, verbose=False)
+        client = Client(f"http://127.0.0.1:{front_port}/", token=False, verbose=False, ssl_verify=TLS)
         overlay, result, status = client.predict(
             handle_file(str(EXAMPLE_PHOTO)), "casual", "female", api_name="/predict_api"
         )
