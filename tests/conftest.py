@@ -59,6 +59,11 @@ WAIT_S = 60.0  # how long a test waits for a state before it fails: a broken fea
 TLS = ssl.create_default_context()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long tests first (marker `long`): one that starts near the end leaves the other process idle meanwhile."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Build the tiny random-weight models with the maintainers' own script, once for all xdist workers."""

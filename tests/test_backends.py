@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import subprocess
-import sys
+import importlib.util
 import threading
 from collections.abc import Coroutine, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import pytest
 from conftest import (
@@ -182,17 +180,23 @@ def test_visitors_waiting_for_a_sleeping_space_share_one_hub_lookup_and_one_wake
     assert wakes == ["https://me-gpu.hf.space"]  # one wake request, still under way at the second lookup
 
 
-def test_backend_takes_a_comma_separated_list_with_one_token():
-    code = (
-        "import sys; sys.path.insert(0, 'public_space'); import app; pool = app.backend_from_env(); "
-        "print([(b.target, b._headers, b.retry_after, b.wake_timeout) for b in pool.backends])"
-    )
-    env = {**os.environ, "BACKEND": " me/gpu-1, http://10.0.0.2:7860 ,", "HF_TOKEN": "hf_x", "BACKEND_RETRY_S": "3"}
-    env["BACKEND_WAKE_TIMEOUT"] = "40"
-    command = [sys.executable, "-c", code]
-    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True)
+def test_backend_takes_a_comma_separated_list_with_one_token(monkeypatch):
+    environment = {"BACKEND": " me/gpu-1, http://10.0.0.2:7860 ,", "HF_TOKEN": "hf_x", "BACKEND_RETRY_S": "3"}
+    app = public_app_with(monkeypatch, **environment, BACKEND_WAKE_TIMEOUT="40")
+    pool = app.backend_from_env()
     token = {"x-hf-authorization": "Bearer hf_x"}
-    assert out.stdout.strip() == str([("me/gpu-1", token, 3.0, 40.0), ("http://10.0.0.2:7860", token, 3.0, 40.0)])
+    got = [(one.target, one._headers, one.retry_after, one.wake_timeout) for one in pool.backends]
+    assert got == [("me/gpu-1", token, 3.0, 40.0), ("http://10.0.0.2:7860", token, 3.0, 40.0)]
+
+
+def public_app_with(monkeypatch: pytest.MonkeyPatch, **environment: str) -> ModuleType:
+    """The public app's module as the Space imports it in this environment (its constants read it then)."""
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    spec = importlib.util.spec_from_file_location("public_app_from_environment", ROOT / "public_space" / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_stop_cancels_only_that_visitors_job_on_the_backend_that_holds_it(private_app, public_app):

@@ -36,6 +36,7 @@ RECORD_STATUS = """() => {
     }).observe(status, {subtree: true, childList: true, characterData: true});
 }"""
 IMAGE_SHOWN = "img => img.complete && img.naturalWidth"
+pytestmark = pytest.mark.long
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import pytest
 from conftest import EXAMPLE_PHOTO, ROOT, TLS, free_port
 from gradio_client import Client, handle_file
 from PIL import Image
@@ -19,6 +20,7 @@ def port_is_free(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+@pytest.mark.long
 def test_run_local_serves_both_apps_and_ctrl_c_stops_both(tmp_path, tiny_models):
     front_port, back_port = free_port(), free_port()
     log = tmp_path / "run_local.log"
