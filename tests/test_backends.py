@@ -130,22 +130,26 @@ def test_a_backend_answering_an_unexpected_error_is_skipped_and_the_job_done_on_
 
 
 def test_a_backend_closed_mid_run_loses_only_the_job_it_was_running(private_app, public_app):
-    with (
-        backend(private_app, 0.2) as (other_url, other, _),
-        backend(private_app, 0.2) as (dying_url, dying_standin, dying),
-    ):
-        other.hold()
+    """Both backends busy, one dies: only the job on its GPU is lost; its waiting jobs and the other's are done."""
+    other_port = free_port()
+    with backend(private_app, 0.2) as (dying_url, dying_standin, dying):
+        backends = pool(dying_url, f"http://127.0.0.1:{other_port}/", retry_after=0.2)
         dying_standin.hold()
-        with running(front_app(public_app, pool(dying_url, other_url)), public_app.serve) as front:
-            jobs = [submit(front) for _ in range(6)]  # per backend: one on the GPU, one next to it, one queued
-            wait_until(lambda: dying_standin.inside == 1 and queued(dying_url) >= 1)
-            # The front heard that work began on both jobs on a GPU (so it will not send the dying one's elsewhere).
-            wait_until(lambda: sum("Painting the backdrop" in latest(job) for job in jobs) == 2)
-            kill(dying)  # its job on the GPU is held
-            other.release_all()
-            outcomes = [outcome(job) for job in jobs]
+        with running(front_app(public_app, backends), public_app.serve) as front:
+            jobs = [submit(front) for _ in range(3)]  # nothing listens at the other yet: all go here
+            wait_until(lambda: dying_standin.inside == 1 and queued(dying_url) == 1)  # on its GPU, beside, queued
+            with backend(private_app, 0.2, port=other_port) as (_, other, _):
+                other.hold()
+                wait_until(lambda: not backends.backends[1].down)  # probed in the background: it takes jobs
+                jobs += [submit(front) for _ in range(3)]  # at least the first goes to the idle one
+                wait_until(lambda: other.inside == 1)
+                # The front heard that work began on both GPUs' jobs (so it will not send the dying one's elsewhere).
+                wait_until(lambda: sum("Painting the backdrop" in latest(job) for job in jobs) == 2)
+                kill(dying)  # its job on the GPU is held
+                other.release_all()
+                outcomes = [outcome(job) for job in jobs]
     assert sorted(outcomes) == sorted(["Done"] * 5 + [LOST]), outcomes
-    assert jobs_run(other) == 5  # its own share and the two that had not started on the closed backend
+    assert jobs_run(other) == 5  # all but the one the dying backend was running
 
 
 def test_visitors_waiting_for_a_sleeping_space_share_one_hub_lookup_and_one_wake_request(monkeypatch):
