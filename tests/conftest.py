@@ -109,15 +109,18 @@ def _no_job_left_held() -> Iterator[None]:
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "private_space"), str(ROOT / "public_space")]
 
 
-def load_app(space: str) -> ModuleType:
-    """Import `<space>/app.py` under a unique name: both Spaces call their entry module `app`."""
+def load_app(space: str, fresh: bool = False) -> ModuleType:
+    """Import `<space>/app.py` under a unique name: both Spaces call their entry module `app`. `fresh`: run it
+    again, apart from the one the tests share, so that its constants read the environment as it is now."""
     name = f"{space}_app"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / space / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    if name in sys.modules and not fresh:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / space / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    if not fresh:
+        sys.modules[name] = module  # registered before it runs, as an import does
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> int:

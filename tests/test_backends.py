@@ -7,20 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import threading
 from collections.abc import Coroutine, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 
 import pytest
 from conftest import (
     EXAMPLE_PHOTO,
-    ROOT,
     backend,
     free_port,
     front_app,
     kill,
+    load_app,
     pool,
     queued,
     running,
@@ -186,21 +185,12 @@ def test_visitors_waiting_for_a_sleeping_space_share_one_hub_lookup_and_one_wake
 
 def test_backend_takes_a_comma_separated_list_with_one_token(monkeypatch):
     environment = {"BACKEND": " me/gpu-1, http://10.0.0.2:7860 ,", "HF_TOKEN": "hf_x", "BACKEND_RETRY_S": "3"}
-    app = public_app_with(monkeypatch, **environment, BACKEND_WAKE_TIMEOUT="40")
-    pool = app.backend_from_env()
+    for name, value in {**environment, "BACKEND_WAKE_TIMEOUT": "40"}.items():
+        monkeypatch.setenv(name, value)
+    pool = load_app("public_space", fresh=True).backend_from_env()  # its constants read the environment at import
     token = {"x-hf-authorization": "Bearer hf_x"}
     got = [(one.target, one._headers, one.retry_after, one.wake_timeout) for one in pool.backends]
     assert got == [("me/gpu-1", token, 3.0, 40.0), ("http://10.0.0.2:7860", token, 3.0, 40.0)]
-
-
-def public_app_with(monkeypatch: pytest.MonkeyPatch, **environment: str) -> ModuleType:
-    """The public app's module as the Space imports it in this environment (its constants read it then)."""
-    for name, value in environment.items():
-        monkeypatch.setenv(name, value)
-    spec = importlib.util.spec_from_file_location("public_app_from_environment", ROOT / "public_space" / "app.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_stop_cancels_only_that_visitors_job_on_the_backend_that_holds_it(private_app, public_app):
@@ -222,9 +212,8 @@ def test_stop_cancels_only_that_visitors_job_on_the_backend_that_holds_it(privat
         before = waiting()
         leaver = in_line()[0]
         leaver.cancel()
-        wait_until(
-            lambda: sum(waiting().values()) == sum(before.values()) - 1
-        )  # it left while the jobs ahead were held
+        left = lambda: sum(waiting().values()) == sum(before.values()) - 1  # noqa: E731
+        wait_until(left, what="the leaver out of its queue while the jobs ahead are held")
         after = waiting()
         assert sorted(before[url] - after[url] for url in before) == [0, 1]  # one backend's queue; the other's stays
         a.release_all()
