@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import gradio as gr
@@ -18,38 +18,34 @@ from PIL import Image
 from starlette.middleware import Middleware
 
 from back_metrics import BackMetrics, CountFullQueue
+from back_settings import (
+    BACKEND_TOKEN,
+    BACKGROUND_MODEL,
+    BACKGROUND_PIXELS,
+    BACKGROUND_STEPS,
+    CPU_DTYPE,
+    GPU_CONCURRENCY,
+    MAX_MEGAPIXELS,
+    MAX_SIDE,
+    MAX_UPLOAD_MB,
+    QUEUE_MAX_SIZE,
+    SEGMENTATION_MODEL,
+    SEGMENTATION_SIZE,
+    VAE_MODEL,
+)
+from choices import CATEGORIES, GENDERS, unknown_choice
 from gpu_gate import GpuGate
 from guard import launch_guarded
 from identity import BuildHeader, build_id
 from imaging import Photo, PhotoError, composite, decode_photo, encode_photo, overlay, seed_for
 
-SEGMENTATION_MODEL = os.getenv("SEGMENTATION_MODEL", "mattmdjaga/segformer_b2_clothes")
-BACKGROUND_MODEL = os.getenv("BACKGROUND_MODEL", "stabilityai/sd-turbo")
-BACKGROUND_STEPS = int(os.getenv("BACKGROUND_STEPS", "1"))
-VAE_MODEL = os.getenv("VAE_MODEL") or None  # a tiny autoencoder (e.g. madebyollin/taesd) to decode with instead
-BACKGROUND_PIXELS = int(os.getenv("BACKGROUND_PIXELS") or 0) or None  # backdrop pixel cap; unset: by device
-SEGMENTATION_SIZE = int(os.getenv("SEGMENTATION_SIZE") or 0) or None  # SegFormer's input side; unset: its own
-CPU_DTYPE = os.getenv("CPU_DTYPE", "auto")  # float32, bfloat16, or auto: bfloat16 where the CPU has bf16 units
-QUEUE_MAX_SIZE = int(os.getenv("QUEUE_MAX_SIZE", "32"))
-GPU_CONCURRENCY = int(os.getenv("GPU_CONCURRENCY", "1"))  # GPU jobs at once: 1 on a dedicated GPU, more on ZeroGPU
-MAX_SIDE = int(os.getenv("MAX_SIDE", "1024"))
-MAX_UPLOAD_MB = float(os.getenv("MAX_UPLOAD_MB", "10"))
-MAX_MEGAPIXELS = float(os.getenv("MAX_MEGAPIXELS", "40"))
-BACKEND_TOKEN = os.getenv("BACKEND_TOKEN") or None
 API_NAME = "predict_api"
 FAILED = "Something went wrong while processing the photo. Please try again."
 # Every relayed request is a session of its own that never comes back, and Gradio keeps each session's last
 # inputs and outputs (a photo and two pictures) until it has this many newer ones. Nothing here reads them.
 KEPT_SESSIONS = 1
-
-# The choices, each defined once: adding a category is one line here.
-SCENES = {
-    "casual": "a sunlit city street with a café terrace and soft bokeh",
-    "formal": "an elegant wood-panelled office with warm studio lighting",
-}
-PEOPLE = {"male": "man", "female": "woman"}
-Category = Literal[tuple(SCENES)]  # the API page lists the valid values; predict_api still checks them
-Gender = Literal[tuple(PEOPLE)]
+Category = Literal[tuple(CATEGORIES)]  # the API page lists the valid values; predict_api still checks them
+Gender = Literal[tuple(GENDERS)]
 
 logger = logging.getLogger("backdrop")
 
@@ -72,23 +68,14 @@ class Pipeline(Protocol):
 
 def background_prompt(category: str, gender: str) -> str:
     return (
-        f"{SCENES[category]}, an empty backdrop for a {category} portrait of a {PEOPLE[gender]}, "
+        f"{CATEGORIES[category]}, an empty backdrop for a {category} portrait of a {GENDERS[gender]}, "
         "no people, photorealistic, shallow depth of field"
     )
 
 
 def all_prompts() -> list[str]:
     """Every prompt a request can ask for: the models encode each once, at load."""
-    return [background_prompt(category, gender) for category in SCENES for gender in PEOPLE]
-
-
-def _unknown_choice(category: str, gender: str) -> str | None:
-    """The sentence for a category or gender the app does not have, or None."""
-    for value, choices, what in ((category, SCENES, "category"), (gender, PEOPLE, "gender")):
-        if value not in choices:
-            valid = ", ".join(f"'{choice}'" for choice in choices)
-            return f"Unknown {what} '{value}'. Choose one of {valid}."
-    return None
+    return [background_prompt(category, gender) for category in CATEGORIES for gender in GENDERS]
 
 
 def create_app(
@@ -99,7 +86,7 @@ def create_app(
     max_side: int = MAX_SIDE,
     max_upload_mb: float = MAX_UPLOAD_MB,
     max_megapixels: float = MAX_MEGAPIXELS,
-) -> gr.Blocks:
+) -> Back:
     """Build the API-only app around `pipeline`; serve it with `serve()`, which adds the guard.
 
     Gradio's queue runs two jobs per GPU, so that decoding the next photo and encoding the last results happen
@@ -107,19 +94,29 @@ def create_app(
     a cancelled job's thread winds down.
     """
     gate = GpuGate(gpu_concurrency)
-    metrics = BackMetrics(waiting=lambda: _waiting(demo, endpoint))
+    metrics = BackMetrics(waiting=lambda: _waiting(blocks, endpoint))
     decode = functools.partial(
         decode_photo, max_bytes=int(max_upload_mb * 2**20), max_pixels=int(max_megapixels * 1e6), max_side=max_side
     )
-    with gr.Blocks(title="Backdrop backend") as demo:
+    with gr.Blocks(title="Backdrop backend") as blocks:
         gr.Markdown("This Space is API-only: the public Backdrop Space calls its `predict_api` endpoint.")
         gr.api(_endpoint(pipeline, gate, metrics, decode), api_name=API_NAME, concurrency_limit=gate.slots)
-    (endpoint,) = (fn for fn in demo.fns.values() if fn.api_name == API_NAME)
-    demo.queue(max_size=queue_max_size, default_concurrency_limit=1)
-    gate.install(demo._queue, endpoint)  # ETAs follow the GPU (see gpu_gate), from the first finished job on
-    demo.backdrop_build = build_id([pipeline.settings, max_side])  # serve() says it on every response (identity.py)
-    demo.backdrop_metrics = metrics  # serve() serves them at /metrics to the token
-    return demo
+    (endpoint,) = (fn for fn in blocks.fns.values() if fn.api_name == API_NAME)
+    blocks.queue(max_size=queue_max_size, default_concurrency_limit=1)
+    gate.install(blocks._queue, endpoint)  # ETAs follow the GPU (see gpu_gate), from the first finished job on
+    return Back(blocks, metrics, build=build_id([pipeline.settings, max_side]))
+
+
+@dataclass
+class Back:
+    """The private app: its Blocks, and the parts `serve()` wires in around it."""
+
+    blocks: gr.Blocks
+    metrics: BackMetrics  # served at /metrics to the token
+    build: str  # said on every response (identity.py)
+
+    def close(self) -> None:
+        self.blocks.close()
 
 
 def _endpoint(
@@ -135,7 +132,7 @@ def _endpoint(
         """
         started = time.perf_counter()
         with metrics.job() as counted:  # done, failed, cancelled, or as refused below (back_metrics.py)
-            if unknown := _unknown_choice(category, gender):
+            if unknown := unknown_choice(category, gender):
                 counted.refused("bad_input")
                 raise gr.Error(unknown, print_exception=False)
             try:
@@ -179,26 +176,26 @@ def _finish(photo: Photo, class_map: np.ndarray, background: Image.Image, classe
     )
 
 
-def _waiting(demo: gr.Blocks, fn: Any) -> float:
+def _waiting(blocks: gr.Blocks, fn: Any) -> float:
     """Jobs in Gradio's queue for `fn`, not yet started."""
-    queue = getattr(demo, "_queue", None)
+    queue = getattr(blocks, "_queue", None)
     waiting = queue.event_queue_per_concurrency_id.get(fn.concurrency_id) if queue is not None else None
     return float(len(waiting.queue)) if waiting is not None else 0.0
 
 
-def serve(demo: gr.Blocks, *, token: str | None = BACKEND_TOKEN, warm_up: bool = True, **launch_kwargs: Any) -> None:
-    """Launch `demo` behind the endpoint guard (and token lock), then warm it up so that ETAs exist at once.
+def serve(back: Back, *, token: str | None = BACKEND_TOKEN, warm_up: bool = True, **launch_kwargs: Any) -> None:
+    """Launch the app behind the endpoint guard (and token lock), then warm it up so that ETAs exist at once.
 
     Returns once the server is up; `GRADIO_SERVER_NAME` and `GRADIO_SERVER_PORT` apply as in any Gradio app.
     """
     # Bodies up to twice the photo limit reach predict_api, which answers with a sentence; larger ones get a 413.
     limit = int(MAX_UPLOAD_MB * 2**20 * 2) + 2**20
     launch_kwargs.setdefault("state_session_capacity", KEPT_SESSIONS)
-    build = Middleware(BuildHeader, build=demo.backdrop_build)
-    full_queue = Middleware(CountFullQueue, metrics=demo.backdrop_metrics)  # refused before the endpoint
-    metrics = (token, demo.backdrop_metrics.render) if token else None  # /metrics: the maintainer's token only
+    build = Middleware(BuildHeader, build=back.build)
+    full_queue = Middleware(CountFullQueue, metrics=back.metrics)  # refused before the endpoint
+    metrics = (token, back.metrics.render) if token else None  # /metrics: the maintainer's token only
     launch_guarded(
-        demo,
+        back.blocks,
         api_name=API_NAME,
         token=token,
         max_body_bytes=limit,
@@ -207,7 +204,8 @@ def serve(demo: gr.Blocks, *, token: str | None = BACKEND_TOKEN, warm_up: bool =
         **launch_kwargs,
     )
     if warm_up:
-        threading.Thread(target=run_warm_up, args=(demo.local_url, token), daemon=True, name="warm-up").start()
+        url = back.blocks.local_url
+        threading.Thread(target=run_warm_up, args=(url, token), daemon=True, name="warm-up").start()
 
 
 def run_warm_up(url: str, token: str | None) -> None:
@@ -241,4 +239,4 @@ if __name__ == "__main__":
     )
     app = create_app(models)
     serve(app)
-    app.block_thread()
+    app.blocks.block_thread()

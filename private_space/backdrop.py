@@ -10,7 +10,6 @@ import ctypes
 import gc
 import logging
 import math
-import os
 import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,7 +23,7 @@ from PIL import Image
 from transformers import SegformerForSemanticSegmentation, SegformerImageProcessorPil
 from transformers.utils import logging as transformers_logging
 
-GPU_DURATION_S = int(os.getenv("GPU_DURATION_S", "30"))  # the most ZeroGPU seconds one request may reserve
+from back_settings import GPU_DURATION_S  # the most ZeroGPU seconds one request may reserve
 
 # What one request is expected to cost on a ZeroGPU slice, generously (no GPU was at hand to measure: these are a
 # few times sd-turbo's public fp16 figures on A10G/A100-class cards, about 0.1-0.3 s per 512x512 UNet step).

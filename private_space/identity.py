@@ -17,7 +17,9 @@ from pathlib import Path
 from guard import Message, Receive, Scope, Send
 
 HEADER = "x-backdrop-build"
-CODE = [Path(__file__).with_name(name) for name in ("app.py", "backdrop.py", "imaging.py", "photo_rules.py")]
+CODE = [
+    Path(__file__).with_name(name) for name in ("app.py", "backdrop.py", "choices.py", "imaging.py", "photo_rules.py")
+]
 LIBRARIES = ("torch", "diffusers", "transformers", "pillow", "numpy")
 
 

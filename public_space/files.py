@@ -49,7 +49,8 @@ logger = logging.getLogger("backdrop")
 
 
 def too_many_uploads(wait_s: float) -> str:
-    return f"You have uploaded too many photos in the last few minutes. Please try again in {math.ceil(wait_s)} s."
+    wait = math.ceil(wait_s - 1e-6)  # 500.0000001 s (float sums on the clock) is 500 s
+    return f"You have uploaded too many photos in the last few minutes. Please try again in {wait} s."
 
 
 @dataclass

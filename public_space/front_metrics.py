@@ -27,13 +27,13 @@ REFUSALS = ("fair_share", "rate", "bad_input", "queue_full")
 SECONDS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
-class Job:
+class JobCount:
     """One request, from its admission until it ends however it ends, as the app reports it (a context manager).
 
     This one counts nothing: it is what `NoMetrics` gives. `FrontMetrics` gives a `CountedJob`.
     """
 
-    def __enter__(self) -> Job:
+    def __enter__(self) -> JobCount:
         return self
 
     def run(self) -> None:
@@ -52,8 +52,8 @@ class Job:
 class NoMetrics:
     """The app without a metrics token: nothing can read figures, so none are kept."""
 
-    def job(self) -> Job:
-        return Job()
+    def job(self) -> JobCount:
+        return JobCount()
 
 
 class FrontMetrics:
@@ -82,14 +82,14 @@ class FrontMetrics:
         if pool is not None:
             self.registry.register(_PoolCollector(pool))
 
-    def job(self) -> Job:
+    def job(self) -> JobCount:
         return CountedJob(self)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class CountedJob(Job):
+class CountedJob(JobCount):
     """A job counted: waiting from admission, running from the backend's start, then its outcome, told from how it
     ended (`done`, the error the app caught, or the exception it ended by)."""
 
@@ -99,7 +99,7 @@ class CountedJob(Job):
         self.started = time.monotonic()
         self.running_since: float | None = None
 
-    def __enter__(self) -> Job:
+    def __enter__(self) -> JobCount:
         self.metrics.waiting.inc()
         return self
 

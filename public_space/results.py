@@ -26,12 +26,13 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from backends import Backends
+from photos import Photo
 from relay import Finished, Update
 
 EVERYONE = "everyone"  # the scope of the example photo's results
 AGAIN = "Done · this photo with these choices was made before, so here it is again at once."
 
-Request = tuple[bytes, str, str, str]  # photo digest, category, gender, scope
+ResultKey = tuple[bytes, str, str, str]  # photo digest, category, gender, scope
 
 
 class Results:
@@ -42,44 +43,42 @@ class Results:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.example = hashlib.sha256(example).digest()
-        self.kept: OrderedDict[Request, Finished] = OrderedDict()  # least recently used first
+        self.kept: OrderedDict[ResultKey, Finished] = OrderedDict()  # least recently used first
         self.bytes = 0
 
-    def request(self, photo: bytes, category: str, gender: str, visitor: str) -> Request:
-        digest = hashlib.sha256(photo).digest()
+    def key(self, digest: bytes, category: str, gender: str, visitor: str) -> ResultKey:
+        """What a result is kept under: the photo's digest, the choices, and whose it is (see the docstring)."""
         return digest, category, gender, EVERYONE if digest == self.example else visitor
 
     async def predict(
-        self, backend: Backends, photo: bytes, category: str, gender: str, visitor: str, **kwargs: str | None
+        self, pool: Backends, photo: Photo, category: str, gender: str, visitor: str, **kwargs: str | None
     ) -> AsyncIterator[Update]:
-        """`backend.predict(photo, category, gender, **kwargs)`, or the kept result when there is one for a build
-        that a backend up now has; a new result is kept on its way to the visitor."""
-        request = self.request(photo, category, gender, visitor)
-        if (kept := self.kept.get(request)) is not None and kept.build in await builds_now(backend):
-            if request in self.kept:  # (others may have pushed it out meanwhile)
-                self.kept.move_to_end(request)
+        """`pool.predict(photo, category, gender, **kwargs)`, or the kept result when there is one for a build that
+        a backend up now has; a new result is kept on its way to the visitor."""
+        key = self.key(photo.digest, category, gender, visitor)
+        if (kept := self.kept.get(key)) is not None and kept.build in await builds_now(pool):
+            if key in self.kept:  # (others may have pushed it out meanwhile)
+                self.kept.move_to_end(key)
             yield dataclasses.replace(kept, status=AGAIN)
             return
-        updates = backend.predict(photo, category, gender, **kwargs)
-        del photo  # the relay lets go of it once it is sent; so must this frame
-        async for update in updates:
+        async for update in pool.predict(await photo.bytes(), category, gender, **kwargs):
             if isinstance(update, Finished):
-                self.keep(request, update)
+                self.keep(key, update)
             yield update
 
-    def keep(self, request: Request, finished: Finished) -> None:
-        """Keep `finished` (without the photo it echoes) for `request`, if it says its build; evict to the bounds."""
+    def keep(self, key: ResultKey, finished: Finished) -> None:
+        """Keep `finished` (without the photo it echoes) under `key`, if it says its build; evict to the bounds."""
         if finished.build is None or not self.max_entries:
             return
-        self._drop(request)
+        self._drop(key)
         entry = dataclasses.replace(finished, image_b64="")
-        self.kept[request] = entry
+        self.kept[key] = entry
         self.bytes += _size(entry)
         while self.kept and (len(self.kept) > self.max_entries or self.bytes > self.max_bytes):
             self._drop(next(iter(self.kept)))
 
-    def _drop(self, request: Request) -> None:
-        if (entry := self.kept.pop(request, None)) is not None:
+    def _drop(self, key: ResultKey) -> None:
+        if (entry := self.kept.pop(key, None)) is not None:
             self.bytes -= _size(entry)
 
 
@@ -87,7 +86,7 @@ def _size(entry: Finished) -> int:
     return len(entry.overlay_b64) + len(entry.result_b64)
 
 
-async def builds_now(backend: Backends) -> set[str]:
+async def builds_now(pool: Backends) -> set[str]:
     """The build ids that the backends up now say they have (each asked once, all at once)."""
-    said = await asyncio.gather(*(one.current_build() for one in backend.backends if not one.down))
+    said = await asyncio.gather(*(one.current_build() for one in pool.backends if not one.down))
     return {build for build in said if build}

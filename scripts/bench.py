@@ -72,7 +72,7 @@ def serve_backend(port: int, service_time: float) -> None:
 
     demo = app.create_app(StandInPipeline(service_time=service_time), queue_max_size=256)
     app.serve(demo, server_name="127.0.0.1", server_port=port, quiet=True)
-    demo.block_thread()
+    getattr(demo, "blocks", demo).block_thread()  # (an app before create_app returned its own object: Blocks)
 
 
 def start(

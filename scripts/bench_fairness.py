@@ -46,7 +46,7 @@ def serve_backend(root: Path, port: int, service_time: float, queue_max_size: in
 
     demo = app.create_app(StandInPipeline(service_time=service_time), queue_max_size=queue_max_size)
     app.serve(demo, server_name="127.0.0.1", server_port=port, quiet=True)
-    demo.block_thread()
+    getattr(demo, "blocks", demo).block_thread()  # (an app before create_app returned its own object: Blocks)
 
 
 def start_apps(root: Path, service_time: float, queue_max_size: int, front_env: dict[str, str]) -> tuple:

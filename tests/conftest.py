@@ -115,6 +115,8 @@ def load_app(space: str, fresh: bool = False) -> ModuleType:
     name = f"{space}_app"
     if name in sys.modules and not fresh:
         return sys.modules[name]
+    if fresh:  # its settings module too: the app takes its constants from there
+        sys.modules.pop({"public_space": "front_settings", "private_space": "back_settings"}[space], None)
     spec = importlib.util.spec_from_file_location(name, ROOT / space / "app.py")
     module = importlib.util.module_from_spec(spec)
     if not fresh:
@@ -146,13 +148,13 @@ def running(demo, serve, **kwargs) -> Iterator[str]:
         demo.close()
 
 
-def kill(demo) -> None:
-    """Stop a served app the way a killed process stops: its open streams are cut, not waited for. (Gradio's
-    `close()` alone waits up to 5 s for them, then leaves the server running until they end.)"""
-    server = getattr(demo, "server", None)
+def kill(app) -> None:
+    """Stop a served app (either Space's) the way a killed process stops: its open streams are cut, not waited for.
+    (Gradio's `close()` alone waits up to 5 s for them, then leaves the server running until they end.)"""
+    server = getattr(app.blocks, "server", None)
     if server is not None:
         server.force_exit = True
-    demo.close()
+    app.close()
 
 
 @pytest.fixture(scope="session")
@@ -170,7 +172,7 @@ class Stack:
     front: str
     back: str
     standin: StandInPipeline
-    front_demo: object  # the public app's Blocks: a test reaches its parts (`backdrop_files`) through it
+    front_app: object  # the public app (`app.Front`): a test reaches its parts (`files`) through it
 
 
 class Clock:
@@ -197,9 +199,9 @@ def stack(
     back_demo = private_app.create_app(standin, **backend_kwargs)
     with running(back_demo, private_app.serve, token=TOKEN, warm_up=True) as back:
         wait_until(lambda: standin.intervals)  # the warm-up went through: ETAs exist from here on
-        front_demo = front_app(public_app, Backends.connect([back], TOKEN), **(front or {}))
-        with running(front_demo, public_app.serve) as url:
-            yield Stack(url, back, standin, front_demo)
+        front_made = front_app(public_app, Backends.connect([back], TOKEN), **(front or {}))
+        with running(front_made, public_app.serve) as url:
+            yield Stack(url, back, standin, front_made)
 
 
 # Every test visitor comes from 127.0.0.1: fair share is off unless a test turns it on (tests/test_fair_share.py).

@@ -84,7 +84,7 @@ def test_cpu_dtype_can_be_forced_and_bfloat16_stays_deterministic(tiny_models, p
 
 def test_the_app_encodes_every_choice_once(private_app) -> None:
     prompts = private_app.all_prompts()
-    assert len(prompts) == len(set(prompts)) == len(private_app.SCENES) * len(private_app.PEOPLE)
-    for category in private_app.SCENES:
-        for gender in private_app.PEOPLE:
+    assert len(prompts) == len(set(prompts)) == len(private_app.CATEGORIES) * len(private_app.GENDERS)
+    for category in private_app.CATEGORIES:
+        for gender in private_app.GENDERS:
             assert private_app.background_prompt(category, gender) in prompts

@@ -187,7 +187,7 @@ def test_backend_takes_a_comma_separated_list_with_one_token(monkeypatch):
     environment = {"BACKEND": " me/gpu-1, http://10.0.0.2:7860 ,", "HF_TOKEN": "hf_x", "BACKEND_RETRY_S": "3"}
     for name, value in {**environment, "BACKEND_WAKE_TIMEOUT": "40"}.items():
         monkeypatch.setenv(name, value)
-    pool = load_app("public_space", fresh=True).backend_from_env()  # its constants read the environment at import
+    pool = load_app("public_space", fresh=True).pool_from_env()  # its constants read the environment at import
     token = {"x-hf-authorization": "Bearer hf_x"}
     got = [(one.target, one._headers, one.retry_after, one.wake_timeout) for one in pool.backends]
     assert got == [("me/gpu-1", token, 3.0, 40.0), ("http://10.0.0.2:7860", token, 3.0, 40.0)]

@@ -154,14 +154,16 @@ def test_the_sign_in_button_is_on_the_page_only_with_oauth_and_runs_nothing_on_t
 
     from backends import Backends
 
-    assert not any(isinstance(block, gr.LoginButton) for block in front_app(public_app, None).blocks.values())
+    assert not any(isinstance(block, gr.LoginButton) for block in front_app(public_app, None).blocks.blocks.values())
     # Off Spaces Gradio would mock the OAuth routes with this machine's Hub login; here only the page is checked.
     monkeypatch.setattr("gradio.routes.attach_oauth", lambda app: None)
     with stack(private_app, public_app) as s:
         front = front_app(public_app, Backends.connect([s.back], TOKEN), sign_in=True, max_jobs_per_visitor=1)
-        (button,) = [block for block in front.blocks.values() if isinstance(block, gr.LoginButton)]
+        (button,) = [block for block in front.blocks.blocks.values() if isinstance(block, gr.LoginButton)]
         assert button.value == "Sign in with Hugging Face"
-        assert [fn.api_name for fn in front.fns.values() if fn.fn is not None] == ["predict_api"]  # clicks: browser
+        assert [fn.api_name for fn in front.blocks.fns.values() if fn.fn is not None] == [
+            "predict_api"
+        ]  # clicks: browser
         with running(front, public_app.serve) as url:
             assert list(httpx.get(f"{url}gradio_api/info").json()["named_endpoints"]) == [API]
             config = httpx.get(f"{url}config").json()

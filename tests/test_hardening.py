@@ -20,11 +20,12 @@ from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, WAIT_S, Clock, front_app, runni
 from gradio_client import handle_file
 from PIL import Image, JpegImagePlugin
 
+import photos
 from photo_rules import PhotoError
 
 API = "/predict_api"
 KEEP_S = 10  # keep_files_s of the tests below: time they spend on a clock of their own (conftest.Clock)
-LIMITS = {"max_pixels": 40_000_000}
+LIMITS = {"max_pixels": 40_000_000, "max_bytes": 10 * 2**20}
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -56,9 +57,9 @@ def test_the_front_refuses_what_the_backend_refuses_in_the_same_words(public_app
     path = tmp_path / "upload"
     path.write_bytes(BAD_PHOTOS[case])
     with pytest.raises(gr.Error) as front:
-        public_app.photo_bytes(path, 1024, **LIMITS)
+        photos.photo_bytes(path, 1024, **LIMITS)
     with pytest.raises(PhotoError) as back:
-        decode_photo(base64.b64encode(BAD_PHOTOS[case]).decode(), max_bytes=10 * 2**20, max_side=1024, **LIMITS)
+        decode_photo(base64.b64encode(BAD_PHOTOS[case]).decode(), max_side=1024, **LIMITS)
     assert front.value.message == str(back.value)
     assert "Please send" in str(back.value)
 
@@ -74,7 +75,7 @@ def test_a_big_jpeg_is_decoded_at_a_fraction_of_its_size(public_app, tmp_path, m
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", recording_load)
     path = tmp_path / "big.jpg"
     Image.new("RGB", (6000, 4000), "teal").save(path, quality=80)
-    with Image.open(io.BytesIO(public_app.photo_bytes(path, 1024, **LIMITS))) as sent:
+    with Image.open(io.BytesIO(photos.photo_bytes(path, 1024, **LIMITS))) as sent:
         assert (sent.format, sent.size) == ("JPEG", (1024, 683))
     assert decoded
     assert decoded[0][0] <= 6000 // 2  # at 1/2 scale or smaller, never the full 24 megapixels
@@ -83,15 +84,15 @@ def test_a_big_jpeg_is_decoded_at_a_fraction_of_its_size(public_app, tmp_path, m
 def test_a_vanished_upload_or_an_unexpected_failure_is_a_sentence_and_a_short_line(public_app, tmp_path, caplog):
     photo = tmp_path / "secret-name.png"
     with pytest.raises(gr.Error) as gone:
-        public_app.photo_bytes(photo, 1024, **LIMITS)
-    assert gone.value.message == public_app.UPLOAD_AGAIN
+        photos.photo_bytes(photo, 1024, **LIMITS)
+    assert gone.value.message == photos.UPLOAD_AGAIN
     photo.write_bytes(EXAMPLE_PHOTO.read_bytes())
     caplog.set_level("INFO")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(public_app.ImageOps, "exif_transpose", lambda *_, **__: 1 / 0)  # a decoder bug, say
+        patch.setattr(photos.ImageOps, "exif_transpose", lambda *_, **__: 1 / 0)  # a decoder bug, say
         with pytest.raises(gr.Error) as failed:
-            public_app.photo_bytes(photo, 64, **LIMITS)  # downscaled: decoded here
-    assert failed.value.message == public_app.FAILED
+            photos.photo_bytes(photo, 64, **LIMITS)  # downscaled: decoded here
+    assert failed.value.message == photos.FAILED
     lines = [record.getMessage() for record in caplog.records if record.name == "backdrop"]
     assert lines == ["An upload was gone before it could be read.", "Reading an upload failed with ZeroDivisionError."]
 
@@ -99,19 +100,20 @@ def test_a_vanished_upload_or_an_unexpected_failure_is_a_sentence_and_a_short_li
 def test_a_stopped_request_keeps_its_decoding_place_until_its_decode_ends(public_app, tmp_path, monkeypatch):
     started, finish = threading.Event(), threading.Event()
 
-    def slow_decode(path: Path, max_side: int, max_pixels: int) -> bytes:
+    def slow_decode(path: Path, max_side: int, max_pixels: int, max_bytes: int) -> bytes:
         started.set()
         finish.wait(10)
         return b"photo"
 
-    monkeypatch.setattr(public_app, "photo_bytes", slow_decode)
+    monkeypatch.setattr(photos, "photo_bytes", slow_decode)
     upload = tmp_path / "cache" / "abc" / "photo.png"
     upload.parent.mkdir(parents=True)
     upload.write_bytes(b"...")
 
     async def stop_while_decoding() -> None:
-        decoding = asyncio.Semaphore(1)
-        reading = asyncio.ensure_future(public_app.read_upload(upload, decoding, max_side=64, max_pixels=10**6))
+        reader = photos.PhotoReader(max_side=64, max_pixels=10**6, max_bytes=10**6, at_once=1)
+        decoding = reader.decoding
+        reading = asyncio.ensure_future(reader.read(upload))
         await asyncio.to_thread(started.wait, 10)
         reading.cancel()
         for _ in range(10):
@@ -179,7 +181,7 @@ def test_uploads_and_results_leave_the_disk_keep_files_s_after_their_last_use(
         example.rotate(90).save(photo)
 
     with stack(private_app, public_app, front={"keep_files_s": KEEP_S}) as s:
-        files = s.front_demo.backdrop_files
+        files = s.front_app.files
         files.clock = Clock()  # files lapse when the test moves it, not before
         client = visitor(s.front, download_files=str(tmp_path / "downloads"))
         for _ in range(3):
@@ -197,7 +199,7 @@ def test_uploads_and_results_leave_the_disk_keep_files_s_after_their_last_use(
             assert files_in(cache)  # the upload and the results of the calls above, never fetched ...
             files.clock.now += KEEP_S
             wait_until(lambda: not files_in(cache))  # ... are gone after keep_files_s
-            assert raw_call(raw, upload) == public_app.UPLOAD_AGAIN
+            assert raw_call(raw, upload) == photos.UPLOAD_AGAIN
 
 
 def raw_call(raw: httpx.Client, path: str, category: str = "casual", gender: str = "male") -> str:
@@ -230,8 +232,8 @@ def raw_outputs(raw: httpx.Client, path: str, category: str = "casual", gender: 
 
 def test_a_shared_photo_stays_while_either_of_its_visitors_uses_it(private_app, public_app, tmp_path, monkeypatch):
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "cache"))  # this app's uploads alone
-    with stack(private_app, public_app, front={"keep_files_s": KEEP_S}) as s:
-        files = s.front_demo.backdrop_files
+    with stack(private_app, public_app, front={"keep_files_s": KEEP_S, "trusted_proxy_hops": 1}) as s:
+        files = s.front_app.files
         files.clock = Clock()
         a, b = (
             httpx.Client(base_url=s.front, headers={"X-Forwarded-For": ip}) for ip in ("198.51.100.1", "198.51.100.2")
@@ -251,11 +253,11 @@ def test_a_shared_photo_stays_while_either_of_its_visitors_uses_it(private_app, 
             files.clock.now += KEEP_S / 2
             assert raw_call(a, a_upload).startswith("Done in ")  # a's claim renewed; b's has half its time left
             files.clock.now += KEEP_S / 2 + 1
-            assert raw_call(b, b_upload) == public_app.UPLOAD_AGAIN  # b's lapsed; a's stands and keeps the photo
+            assert raw_call(b, b_upload) == photos.UPLOAD_AGAIN  # b's lapsed; a's stands and keeps the photo
             assert Path(a_upload).exists()
             files.clock.now += KEEP_S
             wait_until(lambda: not Path(a_upload).exists())  # with both claims lapsed, the photo goes
-            assert raw_call(a, a_upload) == raw_call(b, b_upload) == public_app.UPLOAD_AGAIN
+            assert raw_call(a, a_upload) == raw_call(b, b_upload) == photos.UPLOAD_AGAIN
 
 
 def files_in(folder: Path) -> set[Path]:
@@ -273,9 +275,9 @@ def test_gradio_keeps_no_record_of_the_files_removed(private_app, public_app, tm
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))
     with running(private_app.create_app(StandInPipeline()), private_app.serve, token=TOKEN) as back:
         demo = front_app(public_app, Backends.connect([back], TOKEN), keep_files_s=KEEP_S)
-        demo.backdrop_files.clock = Clock()
+        demo.files.clock = Clock()
         with running(demo, public_app.serve) as url:
-            records = demo.temp_file_sets
+            records = demo.blocks.temp_file_sets
             before = sum(map(len, records))
             client = visitor(url, download_files=str(tmp_path / "downloads"))
             for turn in range(3):
@@ -283,7 +285,7 @@ def test_gradio_keeps_no_record_of_the_files_removed(private_app, public_app, tm
                 with Image.open(EXAMPLE_PHOTO) as example:
                     example.rotate(90 * turn).save(photo)  # a new file each time, as each visitor's photo is
                 assert client.predict(handle_file(str(photo)), "casual", "male", api_name=API)[2].startswith("Done")
-            demo.backdrop_files.clock.now += KEEP_S
+            demo.files.clock.now += KEEP_S
             wait_until(lambda: not files_in(cache))
             assert [name for kept in records for name in kept if not Path(name).exists()] == []
             assert sum(map(len, records)) == before
@@ -304,7 +306,7 @@ def test_a_small_photo_in_a_file_too_big_for_the_backend_is_encoded_again(public
     """A 1024-px photo can still be a file larger than the backend takes (metadata, no compression)."""
     path = tmp_path / "heavy.png"
     Image.new("RGB", (600, 400), "teal").save(path, compress_level=0)
-    sent = public_app.photo_bytes(path, 1024, 40_000_000, max_bytes=path.stat().st_size - 1)
+    sent = photos.photo_bytes(path, 1024, 40_000_000, max_bytes=path.stat().st_size - 1)
     with Image.open(io.BytesIO(sent)) as image:
         assert (image.format, image.size) == ("JPEG", (600, 400))
-    assert public_app.photo_bytes(path, 1024, 40_000_000) == path.read_bytes()  # within the limit: as it is
+    assert photos.photo_bytes(path, 1024, 40_000_000, 10 * 2**20) == path.read_bytes()  # within the limit: as it is

@@ -15,6 +15,7 @@ from PIL import Image
 from test_hardening import raw_call, raw_outputs
 
 from files import Files, too_many_uploads
+from photos import UPLOAD_AGAIN
 
 API = "/predict_api"
 ONE = "198.51.100.1"
@@ -138,7 +139,7 @@ def test_one_upload_serves_its_visitor_for_several_styles_only(private_app, publ
                 assert status.startswith("Done in ")
                 results += [overlay, result]
             assert len({Path(r["path"]).name for r in results}) == 8
-            assert raw_call(other, photo) == public_app.UPLOAD_AGAIN  # the path alone gives no one else the photo
+            assert raw_call(other, photo) == UPLOAD_AGAIN  # the path alone gives no one else the photo
             assert raw_call(one, photo).startswith("Done in ")
             # Each result is still served after the later runs: what its download button fetches.
             for result in results:

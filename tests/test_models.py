@@ -199,8 +199,8 @@ def test_every_prompt_fits_the_text_encoders_77_tokens(private_app, tmp_path: Pa
     tokenizer = clip_tokenizer(tmp_path)
     assert len(tokenizer) == 49408
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]  # CLIP's own ids
-    for category in private_app.SCENES:
-        for gender in private_app.PEOPLE:
+    for category in private_app.CATEGORIES:
+        for gender in private_app.GENDERS:
             ids = tokenizer(private_app.background_prompt(category, gender)).input_ids
             assert len(ids) <= tokenizer.model_max_length == 77, (category, gender, len(ids))
 
@@ -220,8 +220,8 @@ def test_the_tiny_pipeline_tokenizes_every_prompt_as_clip_does_without_truncatin
     handler.emit = records.append  # diffusers' own loggers do not propagate to pytest's
     diffusers_log.addHandler(handler)
     try:
-        for category in private_app.SCENES:
-            for gender in private_app.PEOPLE:
+        for category in private_app.CATEGORIES:
+            for gender in private_app.GENDERS:
                 prompt = private_app.background_prompt(category, gender)
                 ids = pipe.tokenizer(prompt).input_ids
                 assert ids == clip(prompt).input_ids

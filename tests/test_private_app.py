@@ -263,7 +263,7 @@ def test_finished_sessions_keep_no_inputs_or_outputs(private_app):
     photos = [png_b64(Image.new("RGB", (64, 64), colour), "JPEG") for colour in ("red", "green", "blue")]
     with running(demo, private_app.serve, warm_up=False) as url:
         outputs = [client_for(url).predict(photo, "casual", "male", api_name=API) for photo in photos]
-        held = list(demo.state_holder.session_data.values())
+        held = list(demo.blocks.state_holder.session_data.values())
     assert len(held) <= 1
     kept = repr([session.config_values for session in held])
     assert sum(output[1] in kept for output in outputs) <= 1  # the latest session's, until the next one comes

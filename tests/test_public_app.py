@@ -257,7 +257,7 @@ def test_a_backend_dying_mid_job_then_coming_back(private_app, public_app):
 
 def test_missing_configuration_is_said_on_the_page_and_in_the_log(public_app, caplog):
     with caplog.at_level("ERROR"):
-        assert public_app.backend_from_env() is None
+        assert public_app.pool_from_env() is None
     assert "BACKEND is not set" in caplog.text
     with running(front_app(public_app, None), public_app.serve) as front:
         assert "not configured" in json.dumps(httpx.get(f"{front}config").json())
@@ -328,7 +328,7 @@ def test_the_front_keeps_the_values_of_only_as_many_sessions_as_it_serves(public
     """Every visitor is a session; Gradio's default would keep 10,000 sessions' values in memory."""
     demo = front_app(public_app, None)
     with running(demo, public_app.serve):
-        assert demo.state_holder.capacity == public_app.MAX_VISITORS < 10_000
+        assert demo.blocks.state_holder.capacity == public_app.MAX_VISITORS < 10_000
 
 
 def test_building_the_public_app_imports_no_torch():

@@ -4,6 +4,7 @@ visitor's own photo's results are theirs alone, and nothing an older build of th
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import uuid
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from PIL import Image
 from standin import StandInPipeline
 
 from backends import Backend, Backends
+from photos import UPLOAD_AGAIN
 from relay import BUILD_HEADER, Finished
 from results import AGAIN, EVERYONE, Results
 
@@ -72,7 +74,7 @@ def test_a_cached_answer_still_checks_the_input_and_whose_upload_it_is(private_a
             ]  # three uploads of the example, all one file: three runs of her own
             upload = uploads[0]
             assert raw_call(ada, upload).startswith("Done in ")
-            assert raw_call(bob, upload) == public_app.UPLOAD_AGAIN  # not his upload, cached answer or not
+            assert raw_call(bob, upload) == UPLOAD_AGAIN  # not his upload, cached answer or not
             assert raw_call(ada, upload, category="pyjamas").startswith("Unknown category 'pyjamas'")
             assert raw_call(ada, upload) == AGAIN
 
@@ -163,7 +165,7 @@ def finished(size: int, build: str = "b1") -> Finished:
 
 def test_the_bounds_hold_least_recently_used_first_and_the_photo_echo_is_not_kept() -> None:
     results = Results(max_entries=3, max_bytes=10_000, example=EXAMPLE_PHOTO.read_bytes())
-    requests = [results.request(bytes([i]), "casual", "male", "address 203.0.113.1") for i in range(5)]
+    requests = [results.key(digest(bytes([i])), "casual", "male", "address 203.0.113.1") for i in range(5)]
     for request in requests[:3]:
         results.keep(request, finished(1_000))
     results.kept.move_to_end(requests[0])  # used again: the second is now the least recently used
@@ -176,4 +178,8 @@ def test_the_bounds_hold_least_recently_used_first_and_the_photo_echo_is_not_kep
     assert results.bytes == 9_000 <= results.max_bytes
     results.keep(requests[0], finished(1_000, build=None))  # a backend that gives no build: never kept
     assert requests[0] not in results.kept
-    assert results.request(EXAMPLE_PHOTO.read_bytes(), "casual", "male", "address 203.0.113.1")[3] == EVERYONE
+    assert results.key(digest(EXAMPLE_PHOTO.read_bytes()), "casual", "male", "address 203.0.113.1")[3] == EVERYONE
+
+
+def digest(photo: bytes) -> bytes:
+    return hashlib.sha256(photo).digest()

@@ -1,0 +1,57 @@
+"""What a visitor reads: the status line for each moment of their request, and the sentence for each failure."""
+
+from __future__ import annotations
+
+import logging
+
+import gradio as gr
+
+from relay import FAILED, Queued, RelayError, Running, Update, Waking
+from visitors import TurnedAway
+
+logger = logging.getLogger("backdrop")
+
+
+def ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def about(seconds: float) -> str:
+    """A wait in words: to the tenth of a second below 10 s (a short job is often under one), then coarser, but
+    never by more than about 5 % (whole minutes would turn 90 s into "2 min")."""
+    if seconds < 9.95:
+        return f"about {max(0.1, seconds):.1f} s"
+    if seconds < 89.5:
+        return f"about {round(seconds)} s"
+    if seconds < 595:
+        minutes, rest = divmod(round(seconds / 10) * 10, 60)
+        return f"about {minutes} min {rest} s" if rest else f"about {minutes} min"
+    return f"about {round(seconds / 60)} min"
+
+
+def describe(update: Update | None, now: float, tail: float = 0.0) -> str:
+    """The status line for an update (None: nothing heard yet); a queue estimate counts down from when it arrived,
+    and `tail` (the front's own seconds after the backend's result, pacing.Tail) is added to it."""
+    if update is None:
+        return "Sending your photo…"
+    if isinstance(update, Waking):
+        return "Waking up the GPU… this can take a minute."
+    if isinstance(update, Queued):
+        place = "next in line" if update.rank == 0 else f"{ordinal(update.rank + 1)} in line"
+        wait = "" if update.eta is None else f" · {about(update.eta + tail - (now - update.received))}"
+        return f"You are {place}{wait}"
+    if isinstance(update, Running):
+        return f"Working on your photo · {update.desc}" if update.desc else "Working on your photo…"
+    return update.status
+
+
+def sentence_of(error: Exception) -> str:
+    """What the visitor is told for an error: its own sentence, or FAILED (logged by its kind only: a message or
+    traceback could carry the backend's address or a server path)."""
+    if isinstance(error, gr.Error):
+        return error.message
+    if isinstance(error, RelayError | TurnedAway):
+        return str(error)
+    logger.error("The relay failed with %s.", type(error).__name__)
+    return FAILED
