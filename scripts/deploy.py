@@ -250,10 +250,16 @@ def _configure_upload_wait(
     )
     if commit is not None:
         plan.say(f"    committed {commit.commit_url}")
+
+    def wait(api: HfApi) -> None:
+        revision = commit.oid if commit is not None else None
+        wait_and_report(api, plan, space, timeout=args.timeout, poll_s=args.poll_interval, revision=revision)
+
     plan.step(
         "wait_until_running",
-        lambda api: wait_and_report(api, plan, space, timeout=args.timeout, poll_s=args.poll_interval),
-        "on BUILD_ERROR, RUNTIME_ERROR or timeout: print the tail of fetch_space_logs, exit 1",
+        wait,
+        "until the runtime's sha is the upload's commit; on BUILD_ERROR, RUNTIME_ERROR or timeout: print the tail "
+        "of fetch_space_logs, exit 1",
         repo_id=space,
         poll=f"get_space_runtime every {args.poll_interval:g} s",
         timeout_s=args.timeout,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import io
 import json
 import os
@@ -54,10 +55,13 @@ BACKEND_STEPS = [
 
 
 class Hub(ThreadingHTTPServer):
+    """Each Space's runtime walks through `stages[space]` if set, else the shared `stages` (the last one repeats).
+    A stage may name its commit: "RUNNING@old" (the commit before the last upload) or "RUNNING@new" (the last)."""
+
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), HubHandler)
         self.spaces: dict[str, dict] = {}
-        self.stages = ["RUNNING"]
+        self.stages: list[str] | dict[str, list[str]] = ["RUNNING"]
         self.logs: list[str] = []
         self.requests: list[tuple[str, str, str | None, bytes]] = []
 
@@ -70,6 +74,24 @@ class Hub(ThreadingHTTPServer):
 
     def body(self, route: str) -> list[bytes]:
         return [body for method, path, _, body in self.requests if f"{method} {path}" == route]
+
+    def add(self, space: str, *, private: bool = True) -> None:
+        """An existing Space, with an app already deployed at commit "0" * 40."""
+        self.spaces[space] = {"private": private, "files": {".gitattributes", "app.py"}, "sha": "0" * 40}
+
+    def runtime(self, space: str) -> dict:
+        stages = self.stages.get(space, ["RUNNING"]) if isinstance(self.stages, dict) else self.stages
+        stage, _, commit = (stages.pop(0) if len(stages) > 1 else stages[0]).partition("@")
+        record, runtime = self.spaces[space], {"stage": stage, "hardware": {"current": None, "requested": "t4-small"}}
+        if commit:
+            runtime["sha"] = record["sha"] if commit == "new" else record.get("previous", "f" * 40)
+        return runtime
+
+    def commit(self, space: str) -> str:
+        record = self.spaces[space]
+        record["previous"] = record["sha"]
+        record["sha"] = hashlib.sha1(f"{space} {record['previous']}".encode()).hexdigest()
+        return record["sha"]
 
 
 class HubHandler(BaseHTTPRequestHandler):
@@ -103,6 +125,7 @@ class HubHandler(BaseHTTPRequestHandler):
             if space in hub.spaces:
                 return self._send(409, {"error": "You already created this repo", "url": f"{hub.url}/spaces/{space}"})
             hub.spaces[space] = {"private": payload.get("visibility") == "private", "files": {".gitattributes"}}
+            hub.spaces[space]["sha"] = "0" * 40
             return self._send(200, {"url": f"{hub.url}/spaces/{space}"})
         if method == "POST" and path == "/api/validate-yaml":  # upload_folder checks README.md's front matter
             return self._send(200, {"errors": [], "warnings": []})
@@ -112,10 +135,9 @@ class HubHandler(BaseHTTPRequestHandler):
         space, route, rest = match[1], match[2], match[3]
         record = hub.spaces[space]
         if route is None:
-            return self._send(200, {"id": space, "private": record["private"], "sha": "0" * 40})
+            return self._send(200, {"id": space, "private": record["private"], "sha": record["sha"]})
         if route == "runtime":
-            stage = hub.stages.pop(0) if len(hub.stages) > 1 else hub.stages[0]
-            return self._send(200, {"stage": stage, "hardware": {"current": None, "requested": "t4-small"}})
+            return self._send(200, hub.runtime(space))
         if route == "hardware":
             return self._send(200, {"stage": "BUILDING", "hardware": {"current": None, "requested": "t4-small"}})
         if route in ("variables", "secrets"):
@@ -134,7 +156,8 @@ class HubHandler(BaseHTTPRequestHandler):
                     record["files"].add(item["value"]["path"])
                 elif item["key"] == "deletedFile":
                     record["files"].discard(item["value"]["path"])
-            return self._send(200, {"commitUrl": f"{hub.url}/spaces/{space}/commit/{'a' * 40}", "commitOid": "a" * 40})
+            oid = hub.commit(space)
+            return self._send(200, {"commitUrl": f"{hub.url}/spaces/{space}/commit/{oid}", "commitOid": oid})
         if route == "logs":
             events = [{"data": f"{line}\n", "timestamp": "2020-01-01T00:00:00Z"} for line in hub.logs]
             stream = "".join(f"data: {json.dumps(event)}\n\n" for event in events).encode()
@@ -331,7 +354,7 @@ def test_frontend_without_a_read_token_and_no_terminal_says_what_to_set(repo: Pa
 
 
 def test_backend_refuses_an_existing_public_space_after_one_read(repo: Path, hub: Hub) -> None:
-    hub.spaces[SPACE] = {"private": False, "files": {"app.py"}}
+    hub.add(SPACE, private=False)
 
     result = run_deploy(repo, hub, "backend", "--space", SPACE, BACKEND_TOKEN=LOCK)
 
@@ -345,8 +368,10 @@ def test_backend_refuses_an_existing_public_space_after_one_read(repo: Path, hub
 
 
 def test_backend_deploy_makes_the_dry_runs_calls_and_waits_for_running(repo: Path, hub: Hub) -> None:
-    hub.spaces[SPACE] = {"private": True, "files": {".gitattributes", "README.md", "old_module.py"}}
-    hub.stages = ["RUNNING", "BUILDING", "APP_STARTING", "RUNNING"]  # the first RUNNING is the previous revision's
+    hub.add(SPACE)
+    hub.spaces[SPACE]["files"] = {".gitattributes", "README.md", "old_module.py"}
+    # A runtime that names no commit: the first RUNNING, before any build, is taken for the previous revision's.
+    hub.stages = ["RUNNING", "BUILDING", "APP_STARTING", "RUNNING"]
     args = ["backend", "--space", SPACE, "--skip-smoke-test", "--poll-interval", "0.05", "--timeout", "5"]
 
     planned = run_deploy(repo, hub, *args, "--dry-run", BACKEND_TOKEN=LOCK)
@@ -393,11 +418,25 @@ def test_backend_build_error_prints_the_build_logs_tail_masked_and_exits_1(repo:
     assert_no_secret(result, WRITE)
 
 
+def test_backend_deploy_waits_for_the_uploads_build_not_the_previous_revisions_running(repo: Path, hub: Hub) -> None:
+    hub.add(SPACE)
+    # Setting variables restarts the previous revision (APP_STARTING, RUNNING) before the upload's build starts.
+    hub.stages = ["RUNNING@old", "APP_STARTING@old", "RUNNING@old", "BUILDING@new", "RUNNING@new"]
+    args = ["backend", "--space", SPACE, "--skip-smoke-test", "--poll-interval", "0.05", "--timeout", "5"]
+
+    result = run_deploy(repo, hub, *args, BACKEND_TOKEN=LOCK)
+
+    assert result.returncode == 0, result.stderr
+    assert hub.routes().count(f"GET /api/spaces/{SPACE}/runtime") == 5
+    assert re.search(r"RUNNING \(the previous revision 0000000\)\n.*BUILDING\n.*RUNNING\n", result.stdout)
+
+
 # --- the wait-and-report logic on stage sequences, with a fake clock -----------------------------------------------
 
 
 class FakeSpace:
-    """get_space_runtime walks through `stages` (the last one repeats); sleeping advances the fake clock."""
+    """get_space_runtime walks through `stages` (the last one repeats; "RUNNING@abc": RUNNING with sha "abc");
+    sleeping advances the fake clock."""
 
     def __init__(self, *stages: str, logs: tuple[str, ...] = ()) -> None:
         self.stages, self.logs = list(stages), logs
@@ -412,24 +451,26 @@ class FakeSpace:
     def get_space_runtime(self, repo_id: str) -> SpaceRuntime:
         self.polls += 1
         assert self.polls < 1000, "the wait never stopped polling"
-        return SpaceRuntime({"stage": self.stages.pop(0) if len(self.stages) > 1 else self.stages[0]})
+        stage, _, sha = (self.stages.pop(0) if len(self.stages) > 1 else self.stages[0]).partition("@")
+        return SpaceRuntime({"stage": stage, **({"sha": sha} if sha else {})})
 
     def fetch_space_logs(self, repo_id: str, *, build: bool = False) -> Iterator[str]:
         self.log_requests.append(build)
         return iter(self.logs)
 
-    def wait(self, timeout: float = 600, settle_s: float = 0) -> tuple[str, list[str]]:
+    def wait(self, timeout: float = 600, settle_s: float = 0, revision: str | None = None) -> tuple[str, list[str]]:
         said: list[str] = []
         runtime = deploy_plan.wait_until_running(
             lambda: self.get_space_runtime(SPACE),
             timeout=timeout,
             poll_s=10,
+            revision=revision,
             say=said.append,
             settle_s=settle_s,
             clock=self.clock,
             sleep=self.sleep,
         )
-        return runtime.stage, [line.split()[-1] for line in said]
+        return runtime.stage, [line.split(maxsplit=2)[-1] for line in said]
 
 
 def test_wait_returns_at_once_on_running() -> None:
@@ -456,6 +497,32 @@ def test_wait_takes_a_terminal_stage_seen_before_any_build_for_the_previous_revi
 
 def test_wait_keeps_polling_through_an_unknown_stage() -> None:
     assert FakeSpace("SLEEPING", "BUILDING", "RUNNING").wait() == ("RUNNING", ["SLEEPING", "BUILDING", "RUNNING"])
+
+
+def test_wait_for_a_revision_takes_only_that_revisions_stages() -> None:
+    restarted = FakeSpace("RUNNING@old", "APP_STARTING@old", "RUNNING@old", "BUILDING@new", "RUNNING@new")
+    previous = " (the previous revision old)"
+    shown = [f"RUNNING{previous}", f"APP_STARTING{previous}", f"RUNNING{previous}", "BUILDING", "RUNNING"]
+    assert restarted.wait(revision="new") == ("RUNNING", shown)
+    assert restarted.polls == 5
+
+    failed_before = FakeSpace("BUILD_ERROR@old", "BUILDING@new", "RUNTIME_ERROR@new")
+    assert failed_before.wait(revision="new")[0] == "RUNTIME_ERROR"
+    assert failed_before.polls == 3
+
+    unchanged = FakeSpace("RUNNING@new")  # an upload with no change: its commit is the one running
+    assert unchanged.wait(revision="new", settle_s=100) == ("RUNNING", ["RUNNING"])
+    assert unchanged.polls == 1
+
+    no_sha = FakeSpace("RUNNING", "BUILDING", "RUNNING")  # a runtime that names no commit: as before
+    assert no_sha.wait(revision="new", settle_s=100)[0] == "RUNNING"
+    assert no_sha.polls == 3
+
+
+def test_wait_for_a_revision_times_out_saying_the_previous_one_still_runs() -> None:
+    space = FakeSpace("RUNNING@old")
+    with pytest.raises(deploy_plan.WaitTimeout, match=r"still RUNNING \(the previous revision old\) after 60 s"):
+        space.wait(timeout=60, revision="new")
 
 
 def test_wait_times_out_at_the_bound() -> None:
