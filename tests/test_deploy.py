@@ -1,5 +1,6 @@
-"""scripts/deploy.py, offline: its --dry-run plans, its refusals, its wait-and-report logic, and a whole backend
-deploy (up to the smoke test) against a stand-in of the few Hub routes it calls, served on loopback.
+"""scripts/deploy.py, offline: its --dry-run plans, its refusals, its wait-and-report logic, a whole backend
+deploy (up to the smoke test) and a rolling one against a stand-in of the few Hub routes it calls, served on
+loopback.
 
 The command-line tests run a copy of the two deploy scripts inside a small repo-shaped folder, in a subprocess
 whose HF_ENDPOINT points at the stand-in: the code path a maintainer runs, with the stand-in recording every
@@ -313,6 +314,40 @@ def test_frontend_dry_run_with_several_backends_sets_the_comma_joined_list(repo:
     assert_no_secret(result, WRITE, READ)
 
 
+@pytest.mark.parametrize("spaces", [["me/gpu-1", "me/gpu-2"], ["me/gpu-1", "me/gpu-2", "me/gpu-3"]])
+def test_rolling_dry_run_checks_every_space_first_then_deploys_one_after_the_other(
+    repo: Path, hub: Hub, spaces: list[str]
+) -> None:
+    named = [option for space in spaces for option in ("--space", space)]
+    result = run_deploy(repo, hub, "backend", *named, "--dry-run", BACKEND_TOKEN=LOCK)
+
+    assert result.returncode == 0, result.stderr
+    assert hub.requests == []
+    per_space = BACKEND_STEPS[1:]
+    assert step_names(result.stdout) == ["space_info"] * len(spaces) + per_space * len(spaces)
+    targets = [re.search(r"\(repo_id='([^']+)'|\(space='([^']+)'", line).group(1, 2) for line in steps(result.stdout)]
+    assert [a or b for a, b in targets] == spaces + [space for space in spaces for _ in per_space]
+    headers = [line for line in result.stdout.splitlines() if line.startswith("Space ")]
+    assert headers == [f"Space {i} of {len(spaces)}: {space}" for i, space in enumerate(spaces, 1)]
+    assert_no_secret(result, WRITE, LOCK)
+
+
+def test_rolling_redeploy_refuses_before_any_change(repo: Path, hub: Hub) -> None:
+    hub.add("me/gpu-1")
+    hub.add("me/gpu-3", private=False)
+    spaces = ["--space", "me/gpu-1", "--space", "me/gpu-2", "--space", "me/gpu-3"]
+
+    public = run_deploy(repo, hub, "backend", *spaces, BACKEND_TOKEN=LOCK)
+    checked = hub.routes()
+    twice = run_deploy(repo, hub, "backend", "--space", "me/gpu-1", "--space", "Me/GPU-1", BACKEND_TOKEN=LOCK)
+
+    assert (public.returncode, twice.returncode) == (2, 2)
+    assert "me/gpu-3 exists and is not private" in public.stderr
+    assert checked == [f"GET /api/spaces/{space}" for space in ("me/gpu-1", "me/gpu-2", "me/gpu-3")]
+    assert "named twice" in twice.stderr
+    assert hub.routes() == checked  # the second run sent nothing
+
+
 def test_frontend_refuses_a_backend_named_twice_or_itself_among_several(repo: Path, hub: Hub) -> None:
     twice = run_deploy(repo, hub, "frontend", "--space", "me/backdrop", "--backend", SPACE, "--backend", SPACE)
     itself = run_deploy(
@@ -429,6 +464,40 @@ def test_backend_deploy_waits_for_the_uploads_build_not_the_previous_revisions_r
     assert result.returncode == 0, result.stderr
     assert hub.routes().count(f"GET /api/spaces/{SPACE}/runtime") == 5
     assert re.search(r"RUNNING \(the previous revision 0000000\)\n.*BUILDING\n.*RUNNING\n", result.stdout)
+
+
+def test_rolling_redeploy_stops_at_the_first_failed_build_and_leaves_the_rest_untouched(repo: Path, hub: Hub) -> None:
+    spaces = ["me/gpu-1", "me/gpu-2", "me/gpu-3"]
+    for space in spaces:
+        hub.add(space)
+    hub.stages = {
+        "me/gpu-1": ["RUNNING@old", "BUILDING@new", "RUNNING@new"],
+        "me/gpu-2": ["RUNNING@old", "BUILDING@new", "BUILD_ERROR@new"],
+        "me/gpu-3": ["RUNNING@old"],
+    }
+    hub.logs = ["ERROR: No matching distribution found for torch==99"]
+    named = [option for space in spaces for option in ("--space", space)]
+
+    result = run_deploy(repo, hub, "backend", *named, "--skip-smoke-test", "--poll-interval", "0.05", "--timeout", "5")
+
+    assert result.returncode == 1, result.stderr
+    routes = hub.routes()
+    assert routes[:3] == [f"GET /api/spaces/{space}" for space in spaces]  # every Space checked first
+    touched = [
+        route.split()[1].split("/")[3] for route in routes[3:] if route.startswith(("GET /api/s", "POST /api/s"))
+    ]
+    assert touched == sorted(touched)  # gpu-1's calls, all of them, then gpu-2's
+    assert routes.index("POST /api/spaces/me/gpu-1/commit/main") < routes.index("POST /api/spaces/me/gpu-2/variables")
+    assert routes.count("GET /api/spaces/me/gpu-1/runtime") == 3  # its new build's RUNNING, not the old one
+    assert "gpu-3" not in " ".join(routes[3:])  # not touched: no call at all after the check
+    assert hub.spaces["me/gpu-3"]["sha"] == "0" * 40
+    assert "ERROR: No matching distribution found for torch==99" in result.stderr
+    assert "me/gpu-2 ended in BUILD_ERROR" in result.stderr
+    assert (
+        "rolling redeploy stopped at me/gpu-2 (Space 2 of 3): done: me/gpu-1; failed: me/gpu-2; not touched: me/gpu-3"
+        in result.stderr
+    )
+    assert_no_secret(result, WRITE, LOCK)
 
 
 # --- the wait-and-report logic on stage sequences, with a fake clock -----------------------------------------------
@@ -615,3 +684,7 @@ def test_help_explains_every_option_and_the_exit_codes(capsys: pytest.CaptureFix
         assert all(option in text for option in options)
         assert "exit codes:" in text
         assert re.search(r"^  2  usage error or refusal", text, re.MULTILINE)
+        assert "rolling redeploy (backend with --space repeated):\n  every Space is checked first" in text
+    with pytest.raises(SystemExit):
+        deploy.main(["backend", "--help"])
+    assert "repeat it for a rolling redeploy: one Space at a time" in " ".join(capsys.readouterr().out.split())
