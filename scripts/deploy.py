@@ -360,7 +360,13 @@ def deploy_frontend(plan: Plan, args: argparse.Namespace, write_token: str | Non
         raise Refused(f"a backend is named twice: {', '.join(backends)}")
     source_files(folder)
     secret = ("HF_TOKEN", _read_token(plan, ", ".join(backends), write_token))
-    variables = {"BACKEND": ",".join(backends), "BACKEND_WAKE_TIMEOUT": str(args.wake_timeout)}
+    variables = {
+        "BACKEND": ",".join(backends),
+        "BACKEND_WAKE_TIMEOUT": str(args.wake_timeout),
+        # Who a visitor is (fair share, rate): off Spaces the app believes no X-Forwarded-For (0); on Spaces the
+        # visitor's address is the entry that Hugging Face's proxy appends, one hop from the right.
+        "TRUSTED_PROXY_HOPS": "1",
+    }
     _configure_upload_wait(plan, args, space, folder, private=False, variables=variables, secret=secret)
     _smoke_test(plan, args, space, token=False, backend=False)
 

@@ -281,8 +281,7 @@ def test_frontend_dry_run_prints_every_call_in_order_masked_and_sends_nothing(re
     assert hub.requests == []
     assert step_names(result.stdout) == [
         "create_repo",
-        "add_space_variable",
-        "add_space_variable",
+        *["add_space_variable"] * 3,
         "add_space_secret",
         "request_space_hardware",
         "upload_folder",
@@ -293,6 +292,8 @@ def test_frontend_dry_run_prints_every_call_in_order_masked_and_sends_nothing(re
     assert "create_repo(repo_id='me/backdrop', repo_type='space', space_sdk='gradio', private=False" in plan
     assert "add_space_variable(repo_id='me/backdrop', key='BACKEND', value='me/backdrop-gpu')" in plan
     assert "add_space_variable(repo_id='me/backdrop', key='BACKEND_WAKE_TIMEOUT', value='180')" in plan
+    # On Spaces, Hugging Face's proxy appends the visitor's address to X-Forwarded-For: one hop to trust
+    assert "add_space_variable(repo_id='me/backdrop', key='TRUSTED_PROXY_HOPS', value='1')" in plan
     assert "add_space_secret(repo_id='me/backdrop', key='HF_TOKEN', value=***)" in plan
     assert "request_space_hardware(repo_id='me/backdrop', hardware='cpu-basic')" in plan
     assert "Client.predict(space='me/backdrop', token=False" in plan
@@ -310,7 +311,7 @@ def test_frontend_dry_run_with_several_backends_sets_the_comma_joined_list(repo:
     plan = "\n".join(steps(result.stdout))
     value = "me/gpu-1,me/gpu-2,https://gpu-3.example.org"
     assert f"add_space_variable(repo_id='me/backdrop', key='BACKEND', value='{value}')" in plan
-    assert step_names(result.stdout).count("add_space_variable") == 2
+    assert step_names(result.stdout).count("add_space_variable") == 3
     assert_no_secret(result, WRITE, READ)
 
 
