@@ -1,6 +1,6 @@
 """scripts/deploy.py, offline: its --dry-run plans, its refusals, its wait-and-report logic, a whole backend
 deploy (up to the smoke test) and a rolling one against a stand-in of the few Hub routes it calls, served on
-loopback.
+loopback, and `deploy.py status` against loopback servers that serve /metrics text as the apps write it.
 
 The command-line tests run a copy of the two deploy scripts inside a small repo-shaped folder, in a subprocess
 whose HF_ENDPOINT points at the stand-in: the code path a maintainer runs, with the stand-in recording every
@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 import pytest
 from huggingface_hub import SpaceRuntime
 from PIL import Image
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "scripts") not in sys.path:
@@ -35,6 +36,7 @@ if str(ROOT / "scripts") not in sys.path:
 
 import deploy  # noqa: E402
 import deploy_plan  # noqa: E402
+import deploy_status  # noqa: E402
 
 WRITE = "hf_WRITEtokenDoNotPrint0123456789"
 LOCK = "lockSECRETdoNotPrint0123456789"
@@ -689,3 +691,152 @@ def test_help_explains_every_option_and_the_exit_codes(capsys: pytest.CaptureFix
     with pytest.raises(SystemExit):
         deploy.main(["backend", "--help"])
     assert "repeat it for a rolling redeploy: one Space at a time" in " ".join(capsys.readouterr().out.split())
+
+
+# --- deploy.py status: resends and refusals, from loopback servers serving /metrics --------------------------------
+
+METRICS_TOKEN = "metricsTOKENdoNotPrint0123456789"
+OLDER_JOBS = {("done", ""): 5, ("failed", ""): 1, ("lost", ""): 0, ("cancelled", ""): 0}
+OLDER_JOBS |= {("refused", reason): 0 for reason in ("fair_share", "rate", "bad_input", "queue_full")}
+
+
+class Metrics(ThreadingHTTPServer):
+    """An app's /metrics, only for its token: `jobs` by (outcome, reason), and `resent` by `after` where the build
+    counts resends (None: an older build), written by prometheus_client as the apps do."""
+
+    def __init__(self, token: str, jobs: dict[tuple[str, str], float], resent: dict[str, float] | None) -> None:
+        super().__init__(("127.0.0.1", 0), MetricsHandler)
+        self.token, self.jobs, self.resent = token, dict(jobs), resent
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/"
+
+    def text(self) -> bytes:
+        registry = CollectorRegistry()
+        jobs = Counter("backdrop_jobs", "Jobs by outcome.", ["outcome", "reason"], registry=registry)
+        for labels, count in self.jobs.items():
+            jobs.labels(*labels).inc(count)
+        if self.resent is not None:
+            resent = Counter("backdrop_jobs_resent", "Jobs sent again.", ["after"], registry=registry)
+            for after, count in self.resent.items():
+                resent.labels(after).inc(count)
+        Gauge("backdrop_jobs_waiting", "Waiting now.", registry=registry).set(2)
+        Gauge("backdrop_jobs_running", "Running now.", registry=registry).set(1)
+        return generate_latest(registry)
+
+
+class MetricsHandler(BaseHTTPRequestHandler):
+    server: Metrics
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        allowed = self.path == "/metrics" and self.headers.get("authorization") == f"Bearer {self.server.token}"
+        data = self.server.text() if allowed else b"Not Found"
+        self.send_response(200 if allowed else 404)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def apps() -> Iterator[list[Metrics]]:
+    """Started /metrics servers: append one, it is served until the test ends."""
+    servers: list[Metrics] = []
+    yield servers
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def serve(apps: list[Metrics], token: str, jobs: dict, resent: dict[str, float] | None = None) -> Metrics:
+    server = Metrics(token, jobs, resent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    apps.append(server)
+    return server
+
+
+def run_status(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    monkeypatch.setenv("METRICS_TOKEN", METRICS_TOKEN)
+    monkeypatch.setenv("BACKEND_TOKEN", LOCK)
+    code = deploy.main(["status", *args])
+    return code, capsys.readouterr().out
+
+
+def test_status_shows_resends_and_each_refusal_reason(
+    apps: list[Metrics], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs = OLDER_JOBS | {("refused", "fair_share"): 1, ("refused", "repeat_crash"): 2}
+    jobs |= {("refused", "long_wait"): 1, ("refused", "gpu_quota"): 3}
+    front = serve(apps, METRICS_TOKEN, jobs, {"waiting": 4, "running": 1})
+    back = serve(apps, LOCK, {("done", ""): 6, ("refused", "bad_input"): 0, ("refused", "queue_full"): 0})
+
+    code, screen = run_status(monkeypatch, capsys, "--frontend", front.url, "--backend", back.url)
+
+    assert code == 0
+    assert screen.splitlines()[:3] == [
+        f"frontend {front.url}: up · waiting 2 · running 1",
+        "  since start: done 5, failed 1, lost 0, cancelled 0, refused 7 (fair_share 1, rate 0, bad_input 0,"
+        " queue_full 0, repeat_crash 2, long_wait 1, gpu_quota 3)",
+        "  since start: resent 5 (while waiting 4, while running 1)",
+    ]
+    back_lines = screen.split(f"backend {back.url}: up")[1].splitlines()
+    assert back_lines[1] == (
+        "  since start: done 6, failed 0, lost 0, cancelled 0, refused 0 (fair_share 0, rate 0, bad_input 0,"
+        " queue_full 0)"
+    )
+    assert "resent" not in screen.split("backend")[1]
+    assert "older build" not in screen
+    assert METRICS_TOKEN not in screen
+    assert LOCK not in screen
+
+
+def test_status_of_an_older_frontend_build_shows_what_it_counts_and_names_what_it_lacks(
+    apps: list[Metrics], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    front = serve(apps, METRICS_TOKEN, OLDER_JOBS)
+
+    code, screen = run_status(monkeypatch, capsys, "--frontend", front.url)
+
+    assert code == 0
+    assert screen.splitlines()[1:3] == [
+        "  since start: done 5, failed 1, lost 0, cancelled 0, refused 0 (fair_share 0, rate 0, bad_input 0,"
+        " queue_full 0)",
+        "  not in its /metrics (an older build, or none since start): refused for repeat_crash, refused for long_wait,"
+        " refused for gpu_quota, resent",
+    ]
+
+
+def test_status_watch_shows_the_resends_and_refusals_of_the_last_minutes(
+    apps: list[Metrics], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs = OLDER_JOBS | {("refused", r): 1 for r in ("repeat_crash", "long_wait", "gpu_quota")}
+    front = serve(apps, METRICS_TOKEN, jobs, {"waiting": 3, "running": 1})
+
+    class Stop(Exception):
+        pass
+
+    def between_scrapes(_: float) -> None:
+        if front.jobs[("refused", "gpu_quota")] > 1:
+            raise Stop
+        front.jobs[("refused", "gpu_quota")] += 2
+        front.jobs[("refused", "repeat_crash")] += 1
+        front.resent = {"waiting": 3, "running": 4}
+
+    monkeypatch.setattr(deploy_status.time, "sleep", between_scrapes)
+    with pytest.raises(Stop):
+        run_status(monkeypatch, capsys, "--frontend", front.url, "--watch", "30")
+    first, second = capsys.readouterr().out.split(f"frontend {front.url}: up")[1:]
+
+    assert "since start: resent 4 (while waiting 3, while running 1)" in first
+    assert (
+        "refused 3 (fair_share 0, rate 0, bad_input 0, queue_full 0, repeat_crash 1, long_wait 1, gpu_quota 1)"
+        in first
+    )
+    assert "last 0 min: resent 3 (while waiting 0, while running 3)" in second
+    assert (
+        "refused 3 (fair_share 0, rate 0, bad_input 0, queue_full 0, repeat_crash 1, long_wait 0, gpu_quota 2)"
+        in second
+    )
