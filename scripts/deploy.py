@@ -1,11 +1,13 @@
 """Deploy Backdrop's two Spaces to the Hugging Face Hub, wait until they run, and smoke-test them.
 
     python scripts/deploy.py backend  --space OWNER/backdrop-gpu --hardware t4-small --dry-run
+    python scripts/deploy.py backend  --space OWNER/gpu-1 --space OWNER/gpu-2 --dry-run   # a rolling redeploy
     python scripts/deploy.py frontend --space OWNER/backdrop --backend OWNER/backdrop-gpu --dry-run
     python scripts/deploy.py frontend --space OWNER/backdrop --backend OWNER/gpu-1 --backend OWNER/gpu-2 --dry-run
 
 The backend (private_space/) is always a private Space; the frontend (public_space/) is public and relays to it,
-or to several backends (each visitor's job goes to the one expected to finish it first).
+or to several backends (each visitor's job goes to the one expected to finish it first). Several backends are
+redeployed one at a time (a rolling redeploy), so the others keep serving while one rebuilds.
 Every Hub call goes through one Plan (deploy_plan.py): a real run prints each call, secrets as ***, and makes it;
 --dry-run prints the same calls in the same order and makes none, with no network at all. Your write token comes
 from HF_TOKEN or the login cache (`hf auth login`), never from the command line.
@@ -50,6 +52,13 @@ exit codes:
   2  usage error or refusal, before any change: bad arguments, no token, frontend and backend are the same
      Space, the backend Space exists and is not private, the read token is your write token, no app.py
 
+rolling redeploy (backend with --space repeated):
+  every Space is checked first (missing or private, else refused: exit 2, nothing changed); then one Space at
+  a time is configured, uploaded, waited for until it runs the build of this upload's commit (the stage of the
+  previous revision does not count), and smoke-tested; only then is the next one touched, so the pool always has
+  the other backends serving. The first failure stops it with exit 1 and names the Spaces done, the one that
+  failed, and those not touched.
+
 tokens (never on the command line; every secret is printed as ***):
   HF_TOKEN or `hf auth login`  your write token, for every Hub call
   BACKEND_TOKEN                backend: optional lock, set as the private Space's BACKEND_TOKEN secret
@@ -93,7 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     add = common.add_argument
-    add("--space", required=True, type=_repo_id, metavar="OWNER/NAME", help="the Space to create or update")
     add("--dry-run", action="store_true", help="print every Hub call, in order, secrets masked; make none")
     add("--timeout", type=_seconds, default=1800, metavar="S", help="how long to wait for RUNNING after the upload")
     add("--poll-interval", type=_seconds, default=10, metavar="S", help="seconds between two checks of the stage")
@@ -105,10 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
         "backend",
         parents=[common],
         help="deploy private_space/ as a private GPU Space",
-        description="Create or update the private GPU Space from private_space/, then call its predict_api.",
+        description="Create or update the private GPU Space from private_space/, then call its predict_api. "
+        "With --space repeated: a rolling redeploy, one Space after the other (see below).",
         **kinds,
     )
     add = backend.add_argument
+    add(
+        "--space",
+        required=True,
+        action="append",
+        type=_repo_id,
+        metavar="OWNER/NAME",
+        help="the private Space to create or update; repeat it for a rolling redeploy: one Space at a time, each "
+        "uploaded, RUNNING its new build and smoke-tested before the next is touched",
+    )
     add("--hardware", default="t4-small", choices=HARDWARE, metavar="FLAVOR", help=flavors)
     add("--sleep-time", type=int, metavar="S", help="idle seconds before it sleeps; -1: never (paid hardware only)")
     add("--segmentation-model", default=SEGMENTATION_MODEL, metavar="ID", help="variable SEGMENTATION_MODEL")
@@ -138,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         **kinds,
     )
     add = frontend.add_argument
+    add("--space", required=True, type=_repo_id, metavar="OWNER/NAME", help="the public Space to create or update")
     add(
         "--backend",
         required=True,
@@ -221,6 +240,7 @@ def _read_token(plan: Plan, backend: str, write_token: str | None) -> str:
 def _configure_upload_wait(
     plan: Plan,
     args: argparse.Namespace,
+    space: str,
     folder: Path,
     *,
     private: bool,
@@ -228,7 +248,7 @@ def _configure_upload_wait(
     secret: tuple[str, str | None],
 ) -> None:
     """The steps both Spaces share: create, variables, secret, hardware, upload (starts the build), wait."""
-    space, files = args.space, source_files(folder)
+    files = source_files(folder)
     plan.call("create_repo", repo_id=space, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
     for key, value in variables.items():
         plan.call("add_space_variable", repo_id=space, key=key, value=value)
@@ -250,42 +270,52 @@ def _configure_upload_wait(
     )
     if commit is not None:
         plan.say(f"    committed {commit.commit_url}")
+
+    def wait(api: HfApi) -> None:
+        revision = commit.oid if commit is not None else None
+        wait_and_report(api, plan, space, timeout=args.timeout, poll_s=args.poll_interval, revision=revision)
+
     plan.step(
         "wait_until_running",
-        lambda api: wait_and_report(api, plan, space, timeout=args.timeout, poll_s=args.poll_interval),
-        "on BUILD_ERROR, RUNTIME_ERROR or timeout: print the tail of fetch_space_logs, exit 1",
+        wait,
+        "until the runtime's sha is the upload's commit; on BUILD_ERROR, RUNTIME_ERROR or timeout: print the tail "
+        "of fetch_space_logs, exit 1",
         repo_id=space,
         poll=f"get_space_runtime every {args.poll_interval:g} s",
         timeout_s=args.timeout,
     )
 
 
-def _smoke_test(plan: Plan, args: argparse.Namespace, *, token: str | bool, backend: bool) -> None:
+def _smoke_test(plan: Plan, args: argparse.Namespace, space: str, *, token: str | bool, backend: bool) -> None:
     """One predict_api call with the example photo: with a token to the backend, with none to the frontend."""
     if args.skip_smoke_test:
         return
 
     def run(_: HfApi) -> str:
-        return smoke_test(args.space, token=token, photo=PHOTO, backend=backend, timeout=args.smoke_timeout)
+        return smoke_test(space, token=token, photo=PHOTO, backend=backend, timeout=args.smoke_timeout)
 
-    shown = {"space": args.space, "token": MASK if token is not False else False, "photo": PHOTO.name}
+    shown = {"space": space, "token": MASK if token is not False else False, "photo": PHOTO.name}
     status = plan.step("Client.predict", run, **shown, api_name="/predict_api")
     if status is not None:
         plan.say(f"    smoke test passed: {status}")
 
 
 def deploy_backend(plan: Plan, args: argparse.Namespace, write_token: str | None) -> None:
-    space, folder, lock = args.space, ROOT / "private_space", os.environ.get("BACKEND_TOKEN") or None
+    """One private Space, or several as a rolling redeploy: every check first, then one Space after the other."""
+    spaces, folder, lock = args.space, ROOT / "private_space", os.environ.get("BACKEND_TOKEN") or None
     source_files(folder)
+    if len({space.lower() for space in spaces}) < len(spaces):
+        raise Refused(f"a Space is named twice: {', '.join(spaces)}")
     if lock is not None and len(lock) < 16:
         raise Refused("BACKEND_TOKEN is shorter than 16 characters: use a long random secret")
-    note = "refused unless missing or private"
-    private = plan.step("space_info", lambda api: _is_private(api, space), note, repo_id=space)
-    if private is False:
-        raise Refused(f"{space} exists and is not private (public or protected): the GPU backend must be private")
-    zero_gpu = args.hardware.startswith("zero")
     if args.gpu_concurrency is not None and args.gpu_concurrency < 1:
         raise Refused("--gpu-concurrency must be 1 or more")
+    note = "refused unless missing or private"
+    for space in spaces:
+        private = plan.step("space_info", lambda api, space=space: _is_private(api, space), note, repo_id=space)
+        if private is False:
+            raise Refused(f"{space} exists and is not private (public or protected): the GPU backend must be private")
+    zero_gpu = args.hardware.startswith("zero")
     variables = {
         "SEGMENTATION_MODEL": args.segmentation_model,
         "BACKGROUND_MODEL": args.background_model,
@@ -299,8 +329,27 @@ def deploy_backend(plan: Plan, args: argparse.Namespace, write_token: str | None
     vae_model = CPU_VAE_MODEL if args.vae_model is None and args.hardware.startswith("cpu") else args.vae_model
     if vae_model:  # set only when used: on GPUs the full VAE costs little and paints a little sharper
         variables["VAE_MODEL"] = vae_model
-    _configure_upload_wait(plan, args, folder, private=True, variables=variables, secret=("BACKEND_TOKEN", lock))
-    _smoke_test(plan, args, token=lock or write_token or "", backend=True)
+    secret = ("BACKEND_TOKEN", lock)
+    for turn, space in enumerate(spaces):
+        if len(spaces) > 1:
+            plan.say(f"Space {turn + 1} of {len(spaces)}: {space}")
+        try:
+            _configure_upload_wait(plan, args, space, folder, private=True, variables=variables, secret=secret)
+            _smoke_test(plan, args, space, token=lock or write_token or "", backend=True)
+        except Exception as error:
+            if len(spaces) == 1:
+                raise
+            raise DeployError(_stopped(error, spaces, turn)) from None
+
+
+def _stopped(error: Exception, spaces: list[str], failed: int) -> str:
+    """Why a rolling redeploy stopped, and where: the Spaces done, the one that failed, those not touched."""
+    why = str(error) if isinstance(error, DeployError) else f"{type(error).__name__}: {error}"
+    done, untouched = ", ".join(spaces[:failed]) or "none", ", ".join(spaces[failed + 1 :]) or "none"
+    return (
+        f"{why}\nrolling redeploy stopped at {spaces[failed]} (Space {failed + 1} of {len(spaces)}): "
+        f"done: {done}; failed: {spaces[failed]}; not touched: {untouched}"
+    )
 
 
 def deploy_frontend(plan: Plan, args: argparse.Namespace, write_token: str | None) -> None:
@@ -311,9 +360,15 @@ def deploy_frontend(plan: Plan, args: argparse.Namespace, write_token: str | Non
         raise Refused(f"a backend is named twice: {', '.join(backends)}")
     source_files(folder)
     secret = ("HF_TOKEN", _read_token(plan, ", ".join(backends), write_token))
-    variables = {"BACKEND": ",".join(backends), "BACKEND_WAKE_TIMEOUT": str(args.wake_timeout)}
-    _configure_upload_wait(plan, args, folder, private=False, variables=variables, secret=secret)
-    _smoke_test(plan, args, token=False, backend=False)
+    variables = {
+        "BACKEND": ",".join(backends),
+        "BACKEND_WAKE_TIMEOUT": str(args.wake_timeout),
+        # Who a visitor is (fair share, rate): off Spaces the app believes no X-Forwarded-For (0); on Spaces the
+        # visitor's address is the entry that Hugging Face's proxy appends, one hop from the right.
+        "TRUSTED_PROXY_HOPS": "1",
+    }
+    _configure_upload_wait(plan, args, space, folder, private=False, variables=variables, secret=secret)
+    _smoke_test(plan, args, space, token=False, backend=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,16 +382,18 @@ def main(argv: list[str] | None = None) -> int:
         return status(spaces, watch=args.watch)
     plan = Plan(None, (os.environ.get(name) for name in SECRET_ENV))
     token: str | None = None
+    spaces = args.space if args.command == "backend" else [args.space]
+    named = ", ".join(spaces)
     try:
         if args.dry_run:
             source = "HF_TOKEN" if os.environ.get("HF_TOKEN") else "the login cache"
-            plan.say(f"Dry run: nothing is sent. Plan for {args.command} {args.space} (write token from {source}):")
+            plan.say(f"Dry run: nothing is sent. Plan for {args.command} {named} (write token from {source}):")
         else:
             if not (token := get_token()):
                 raise Refused("no Hugging Face token: run `hf auth login` or set HF_TOKEN to a write token")
             plan.secrets.append(token)
             plan.api = HfApi(token=token, library_name="backdrop-deploy")
-            plan.say(f"Deploying {args.command} to {args.space}:")
+            plan.say(f"Deploying {args.command} to {named}" + (", one at a time:" if len(spaces) > 1 else ":"))
         deploy = deploy_backend if args.command == "backend" else deploy_frontend
         deploy(plan, args, token)
     except DeployError as error:
@@ -345,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a Hub or network error: its masked message is what CI needs
         plan.say(f"failed: {type(error).__name__}: {error}", err=True)
         return Exit.FAILED
-    plan.say("Dry run done: nothing was changed." if args.dry_run else f"Done: {args.space} is deployed.")
+    deployed = f"Done: {named} {'is' if len(spaces) == 1 else 'are'} deployed."
+    plan.say("Dry run done: nothing was changed." if args.dry_run else deployed)
     return Exit.OK
 
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from huggingface_hub import HfApi, SpaceRuntime, SpaceStage
 
-SETTLE_S = 30.0  # just after an upload the Hub may still report the previous revision's stage
+SETTLE_S = 30.0  # without a commit to compare (the runtime has no sha): the previous stage may linger
 LOG_LINES = 40
 
 INTERMEDIATE = frozenset(
@@ -51,8 +51,8 @@ class Refused(DeployError):
 
 
 class WaitTimeout(TimeoutError):
-    def __init__(self, stage: str, timeout: float) -> None:
-        super().__init__(f"still {stage} after {timeout:g} s")
+    def __init__(self, stage: str, timeout: float, shown: str | None = None) -> None:
+        super().__init__(f"still {shown or stage} after {timeout:g} s")
         self.stage = stage
 
 
@@ -90,37 +90,50 @@ class Plan:
         return self.step(method, lambda api: getattr(api, method)(**kwargs), note, **kwargs)
 
 
+def runtime_revision(runtime: SpaceRuntime) -> str | None:
+    """The commit whose build the runtime's stage is about: the Hub's /runtime answer has it as `sha`, which
+    huggingface_hub 2.4 does not parse (`SpaceRuntime.__init__` keeps the whole answer in `raw`)."""
+    sha = (runtime.raw or {}).get("sha")
+    return sha if isinstance(sha, str) and sha else None
+
+
 def wait_until_running(
     get_runtime: Callable[[], SpaceRuntime],
     *,
     timeout: float,
     poll_s: float,
+    revision: str | None = None,
     say: Callable[[str], None] = print,
     settle_s: float = SETTLE_S,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> SpaceRuntime:
-    """Poll until a terminal stage, printing each change; raise `WaitTimeout` after `timeout` seconds.
+    """Poll until the new build's terminal stage, printing each change; raise `WaitTimeout` after `timeout` s.
 
-    A terminal stage counts once a build or a start has been seen, or after `settle_s`: just after an upload
-    the Hub may still report the previous revision's RUNNING or BUILD_ERROR.
+    Just after an upload the Hub may still report the previous revision's RUNNING or BUILD_ERROR (and a change of
+    variables restarts that revision first). With `revision` (the upload's commit) and a runtime that names its
+    commit, only a stage of that commit counts. Otherwise a terminal stage counts once a build or a start has been
+    seen, or after `settle_s`.
     """
     start, last, fresh = clock(), "", False
     while True:
         runtime, elapsed = get_runtime(), clock() - start
-        if runtime.stage != last:
-            say(f"    {elapsed:6.1f} s  {runtime.stage}")
-            last = runtime.stage
+        running = runtime_revision(runtime)
+        ours = None if revision is None or running is None else running == revision
+        shown = runtime.stage if ours is not False else f"{runtime.stage} (the previous revision {running[:7]})"
+        if shown != last:
+            say(f"    {elapsed:6.1f} s  {shown}")
+            last = shown
         fresh = fresh or runtime.stage in INTERMEDIATE
-        if runtime.stage in TERMINAL and (fresh or elapsed >= settle_s):
+        if runtime.stage in TERMINAL and (ours or (ours is None and (fresh or elapsed >= settle_s))):
             return runtime
         if elapsed >= timeout:
-            raise WaitTimeout(runtime.stage, timeout)
+            raise WaitTimeout(runtime.stage, timeout, shown)
         sleep(max(0.0, min(poll_s, timeout - elapsed)))
 
 
 def wait_and_report(api: SpaceApi, plan: Plan, space: str, *, timeout: float, poll_s: float, **wait: Any) -> None:
-    """Wait for RUNNING; on a failure stage or a timeout print the logs' tail and raise `DeployError`."""
+    """Wait for the new build's RUNNING; on a failure stage or a timeout print the logs' tail, raise `DeployError`."""
     try:
         runtime = wait_until_running(
             lambda: api.get_space_runtime(space), timeout=timeout, poll_s=poll_s, say=plan.say, **wait

@@ -3,6 +3,8 @@
 Counters are cumulative since each app started; "last hour" is the difference between this scrape and the oldest
 one kept from the last hour of a `--watch` run (a single run shows totals since start, and says so).
 Percentiles come from the histograms' buckets (the upper bound of the bucket that holds the rank).
+Figures that newer builds add (resends, the newer refusal reasons) are shown where an app has them; a frontend
+whose /metrics lacks them (an older build) says which, and nothing fails.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 Figures = dict[tuple[str, tuple], float]
+REFUSALS = ("fair_share", "rate", "bad_input", "queue_full")  # always shown (0 where an app does not count one)
+NEWER_REFUSALS = ("repeat_crash", "long_wait", "gpu_quota")  # shown where the app counts them
+RESENT = "backdrop_jobs_resent_total"  # jobs sent again because their backend went away, by `after`
+RESENT_AFTER = {"waiting": "while waiting", "running": "while running"}
 
 
 def url_of(space: str) -> str:
@@ -40,8 +46,12 @@ def scrape(space: str, token: str | None) -> Figures | None:
     }
 
 
+def _job_key(outcome: str, reason: str = "") -> tuple[str, tuple]:
+    return ("backdrop_jobs_total", (("outcome", outcome), ("reason", reason)))
+
+
 def _jobs(figures: Figures, outcome: str, reason: str = "") -> float:
-    return figures.get(("backdrop_jobs_total", (("outcome", outcome), ("reason", reason))), 0.0)
+    return figures.get(_job_key(outcome, reason), 0.0)
 
 
 def percentile(figures: Figures, base: Figures, name: str, q: float) -> str:
@@ -57,7 +67,12 @@ def percentile(figures: Figures, base: Figures, name: str, q: float) -> str:
     return "> 600 s" if bound == float("inf") else f"<= {bound:g} s"
 
 
-def screen(name: str, figures: Figures | None, base: Figures | None, since: str) -> list[str]:
+def _resent(figures: Figures, after: str) -> float:
+    return figures.get((RESENT, (("after", after),)), 0.0)
+
+
+def screen(name: str, figures: Figures | None, base: Figures | None, since: str, *, front: bool = False) -> list[str]:
+    """The lines for one app; `front`: a public app, which says which newer figures its build does not have."""
     if figures is None:
         return [f"{name}: DOWN (no answer to /metrics: not running, or the token is wrong)"]
     base = base or {}
@@ -65,20 +80,33 @@ def screen(name: str, figures: Figures | None, base: Figures | None, since: str)
     def delta(outcome: str, reason: str = "") -> int:
         return int(_jobs(figures, outcome, reason) - _jobs(base, outcome, reason))
 
-    refused = {r: delta("refused", r) for r in ("fair_share", "rate", "bad_input", "queue_full")}
+    def listed(counts: dict[str, int]) -> str:
+        return f"{sum(counts.values())} ({', '.join(f'{key} {n}' for key, n in counts.items())})"
+
+    counted = [r for r in NEWER_REFUSALS if _job_key("refused", r) in figures]
+    refused = {r: delta("refused", r) for r in (*REFUSALS, *counted)}
+    resent = {
+        shown: int(_resent(figures, after) - _resent(base, after))
+        for after, shown in RESENT_AFTER.items()
+        if (RESENT, (("after", after),)) in figures
+    }
     lines = [
         f"{name}: up · waiting {figures.get(('backdrop_jobs_waiting', ()), 0):g}"
         f" · running {figures.get(('backdrop_jobs_running', ()), 0):g}",
         f"  {since}: done {delta('done')}, failed {delta('failed')}, lost {delta('lost')},"
-        f" cancelled {delta('cancelled')}, refused {sum(refused.values())} "
-        + "("
-        + ", ".join(f"{r} {n}" for r, n in refused.items())
-        + ")",
+        f" cancelled {delta('cancelled')}, refused {listed(refused)}",
+    ]
+    if resent:
+        lines.append(f"  {since}: resent {listed(resent)}")
+    missing = [f"refused for {r}" for r in NEWER_REFUSALS if r not in counted] + ([] if resent else ["resent"])
+    if front and missing:
+        lines.append(f"  not in its /metrics (an older build, or none since start): {', '.join(missing)}")
+    lines.append(
         f"  wait p50 {percentile(figures, base, 'backdrop_wait_seconds', 0.5)}"
         f", p95 {percentile(figures, base, 'backdrop_wait_seconds', 0.95)}"
         f" · run p50 {percentile(figures, base, 'backdrop_run_seconds', 0.5)}"
-        f", p95 {percentile(figures, base, 'backdrop_run_seconds', 0.95)}",
-    ]
+        f", p95 {percentile(figures, base, 'backdrop_run_seconds', 0.95)}"
+    )
     sent = {
         dict(labels)["backend"]: v - base.get((k, labels), 0.0)
         for (k, labels), v in figures.items()
@@ -106,7 +134,7 @@ def status(
         lines = []
         for i, ((title, space, _), figures) in enumerate(zip(spaces, scraped, strict=True)):
             base = first[i] if first_at != now else None
-            lines += screen(f"{title} {space}", figures, base, since)
+            lines += screen(f"{title} {space}", figures, base, since, front=title == "frontend")
         say("\n".join(lines))
         if watch is None:
             return 0 if all(figures is not None for figures in scraped) else 1

@@ -1,5 +1,6 @@
-"""scripts/deploy.py, offline: its --dry-run plans, its refusals, its wait-and-report logic, and a whole backend
-deploy (up to the smoke test) against a stand-in of the few Hub routes it calls, served on loopback.
+"""scripts/deploy.py, offline: its --dry-run plans, its refusals, its wait-and-report logic, a whole backend
+deploy (up to the smoke test) and a rolling one against a stand-in of the few Hub routes it calls, served on
+loopback, and `deploy.py status` against loopback servers that serve /metrics text as the apps write it.
 
 The command-line tests run a copy of the two deploy scripts inside a small repo-shaped folder, in a subprocess
 whose HF_ENDPOINT points at the stand-in: the code path a maintainer runs, with the stand-in recording every
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import hashlib
 import io
 import json
 import os
@@ -26,6 +28,7 @@ from urllib.parse import urlsplit
 import pytest
 from huggingface_hub import SpaceRuntime
 from PIL import Image
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "scripts") not in sys.path:
@@ -33,6 +36,7 @@ if str(ROOT / "scripts") not in sys.path:
 
 import deploy  # noqa: E402
 import deploy_plan  # noqa: E402
+import deploy_status  # noqa: E402
 
 WRITE = "hf_WRITEtokenDoNotPrint0123456789"
 LOCK = "lockSECRETdoNotPrint0123456789"
@@ -54,10 +58,13 @@ BACKEND_STEPS = [
 
 
 class Hub(ThreadingHTTPServer):
+    """Each Space's runtime walks through `stages[space]` if set, else the shared `stages` (the last one repeats).
+    A stage may name its commit: "RUNNING@old" (the commit before the last upload) or "RUNNING@new" (the last)."""
+
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), HubHandler)
         self.spaces: dict[str, dict] = {}
-        self.stages = ["RUNNING"]
+        self.stages: list[str] | dict[str, list[str]] = ["RUNNING"]
         self.logs: list[str] = []
         self.requests: list[tuple[str, str, str | None, bytes]] = []
 
@@ -70,6 +77,24 @@ class Hub(ThreadingHTTPServer):
 
     def body(self, route: str) -> list[bytes]:
         return [body for method, path, _, body in self.requests if f"{method} {path}" == route]
+
+    def add(self, space: str, *, private: bool = True) -> None:
+        """An existing Space, with an app already deployed at commit "0" * 40."""
+        self.spaces[space] = {"private": private, "files": {".gitattributes", "app.py"}, "sha": "0" * 40}
+
+    def runtime(self, space: str) -> dict:
+        stages = self.stages.get(space, ["RUNNING"]) if isinstance(self.stages, dict) else self.stages
+        stage, _, commit = (stages.pop(0) if len(stages) > 1 else stages[0]).partition("@")
+        record, runtime = self.spaces[space], {"stage": stage, "hardware": {"current": None, "requested": "t4-small"}}
+        if commit:
+            runtime["sha"] = record["sha"] if commit == "new" else record.get("previous", "f" * 40)
+        return runtime
+
+    def commit(self, space: str) -> str:
+        record = self.spaces[space]
+        record["previous"] = record["sha"]
+        record["sha"] = hashlib.sha1(f"{space} {record['previous']}".encode()).hexdigest()
+        return record["sha"]
 
 
 class HubHandler(BaseHTTPRequestHandler):
@@ -103,6 +128,7 @@ class HubHandler(BaseHTTPRequestHandler):
             if space in hub.spaces:
                 return self._send(409, {"error": "You already created this repo", "url": f"{hub.url}/spaces/{space}"})
             hub.spaces[space] = {"private": payload.get("visibility") == "private", "files": {".gitattributes"}}
+            hub.spaces[space]["sha"] = "0" * 40
             return self._send(200, {"url": f"{hub.url}/spaces/{space}"})
         if method == "POST" and path == "/api/validate-yaml":  # upload_folder checks README.md's front matter
             return self._send(200, {"errors": [], "warnings": []})
@@ -112,10 +138,9 @@ class HubHandler(BaseHTTPRequestHandler):
         space, route, rest = match[1], match[2], match[3]
         record = hub.spaces[space]
         if route is None:
-            return self._send(200, {"id": space, "private": record["private"], "sha": "0" * 40})
+            return self._send(200, {"id": space, "private": record["private"], "sha": record["sha"]})
         if route == "runtime":
-            stage = hub.stages.pop(0) if len(hub.stages) > 1 else hub.stages[0]
-            return self._send(200, {"stage": stage, "hardware": {"current": None, "requested": "t4-small"}})
+            return self._send(200, hub.runtime(space))
         if route == "hardware":
             return self._send(200, {"stage": "BUILDING", "hardware": {"current": None, "requested": "t4-small"}})
         if route in ("variables", "secrets"):
@@ -134,7 +159,8 @@ class HubHandler(BaseHTTPRequestHandler):
                     record["files"].add(item["value"]["path"])
                 elif item["key"] == "deletedFile":
                     record["files"].discard(item["value"]["path"])
-            return self._send(200, {"commitUrl": f"{hub.url}/spaces/{space}/commit/{'a' * 40}", "commitOid": "a" * 40})
+            oid = hub.commit(space)
+            return self._send(200, {"commitUrl": f"{hub.url}/spaces/{space}/commit/{oid}", "commitOid": oid})
         if route == "logs":
             events = [{"data": f"{line}\n", "timestamp": "2020-01-01T00:00:00Z"} for line in hub.logs]
             stream = "".join(f"data: {json.dumps(event)}\n\n" for event in events).encode()
@@ -257,8 +283,7 @@ def test_frontend_dry_run_prints_every_call_in_order_masked_and_sends_nothing(re
     assert hub.requests == []
     assert step_names(result.stdout) == [
         "create_repo",
-        "add_space_variable",
-        "add_space_variable",
+        *["add_space_variable"] * 3,
         "add_space_secret",
         "request_space_hardware",
         "upload_folder",
@@ -269,6 +294,8 @@ def test_frontend_dry_run_prints_every_call_in_order_masked_and_sends_nothing(re
     assert "create_repo(repo_id='me/backdrop', repo_type='space', space_sdk='gradio', private=False" in plan
     assert "add_space_variable(repo_id='me/backdrop', key='BACKEND', value='me/backdrop-gpu')" in plan
     assert "add_space_variable(repo_id='me/backdrop', key='BACKEND_WAKE_TIMEOUT', value='180')" in plan
+    # On Spaces, Hugging Face's proxy appends the visitor's address to X-Forwarded-For: one hop to trust
+    assert "add_space_variable(repo_id='me/backdrop', key='TRUSTED_PROXY_HOPS', value='1')" in plan
     assert "add_space_secret(repo_id='me/backdrop', key='HF_TOKEN', value=***)" in plan
     assert "request_space_hardware(repo_id='me/backdrop', hardware='cpu-basic')" in plan
     assert "Client.predict(space='me/backdrop', token=False" in plan
@@ -286,8 +313,42 @@ def test_frontend_dry_run_with_several_backends_sets_the_comma_joined_list(repo:
     plan = "\n".join(steps(result.stdout))
     value = "me/gpu-1,me/gpu-2,https://gpu-3.example.org"
     assert f"add_space_variable(repo_id='me/backdrop', key='BACKEND', value='{value}')" in plan
-    assert step_names(result.stdout).count("add_space_variable") == 2
+    assert step_names(result.stdout).count("add_space_variable") == 3
     assert_no_secret(result, WRITE, READ)
+
+
+@pytest.mark.parametrize("spaces", [["me/gpu-1", "me/gpu-2"], ["me/gpu-1", "me/gpu-2", "me/gpu-3"]])
+def test_rolling_dry_run_checks_every_space_first_then_deploys_one_after_the_other(
+    repo: Path, hub: Hub, spaces: list[str]
+) -> None:
+    named = [option for space in spaces for option in ("--space", space)]
+    result = run_deploy(repo, hub, "backend", *named, "--dry-run", BACKEND_TOKEN=LOCK)
+
+    assert result.returncode == 0, result.stderr
+    assert hub.requests == []
+    per_space = BACKEND_STEPS[1:]
+    assert step_names(result.stdout) == ["space_info"] * len(spaces) + per_space * len(spaces)
+    targets = [re.search(r"\(repo_id='([^']+)'|\(space='([^']+)'", line).group(1, 2) for line in steps(result.stdout)]
+    assert [a or b for a, b in targets] == spaces + [space for space in spaces for _ in per_space]
+    headers = [line for line in result.stdout.splitlines() if line.startswith("Space ")]
+    assert headers == [f"Space {i} of {len(spaces)}: {space}" for i, space in enumerate(spaces, 1)]
+    assert_no_secret(result, WRITE, LOCK)
+
+
+def test_rolling_redeploy_refuses_before_any_change(repo: Path, hub: Hub) -> None:
+    hub.add("me/gpu-1")
+    hub.add("me/gpu-3", private=False)
+    spaces = ["--space", "me/gpu-1", "--space", "me/gpu-2", "--space", "me/gpu-3"]
+
+    public = run_deploy(repo, hub, "backend", *spaces, BACKEND_TOKEN=LOCK)
+    checked = hub.routes()
+    twice = run_deploy(repo, hub, "backend", "--space", "me/gpu-1", "--space", "Me/GPU-1", BACKEND_TOKEN=LOCK)
+
+    assert (public.returncode, twice.returncode) == (2, 2)
+    assert "me/gpu-3 exists and is not private" in public.stderr
+    assert checked == [f"GET /api/spaces/{space}" for space in ("me/gpu-1", "me/gpu-2", "me/gpu-3")]
+    assert "named twice" in twice.stderr
+    assert hub.routes() == checked  # the second run sent nothing
 
 
 def test_frontend_refuses_a_backend_named_twice_or_itself_among_several(repo: Path, hub: Hub) -> None:
@@ -331,7 +392,7 @@ def test_frontend_without_a_read_token_and_no_terminal_says_what_to_set(repo: Pa
 
 
 def test_backend_refuses_an_existing_public_space_after_one_read(repo: Path, hub: Hub) -> None:
-    hub.spaces[SPACE] = {"private": False, "files": {"app.py"}}
+    hub.add(SPACE, private=False)
 
     result = run_deploy(repo, hub, "backend", "--space", SPACE, BACKEND_TOKEN=LOCK)
 
@@ -345,8 +406,10 @@ def test_backend_refuses_an_existing_public_space_after_one_read(repo: Path, hub
 
 
 def test_backend_deploy_makes_the_dry_runs_calls_and_waits_for_running(repo: Path, hub: Hub) -> None:
-    hub.spaces[SPACE] = {"private": True, "files": {".gitattributes", "README.md", "old_module.py"}}
-    hub.stages = ["RUNNING", "BUILDING", "APP_STARTING", "RUNNING"]  # the first RUNNING is the previous revision's
+    hub.add(SPACE)
+    hub.spaces[SPACE]["files"] = {".gitattributes", "README.md", "old_module.py"}
+    # A runtime that names no commit: the first RUNNING, before any build, is taken for the previous revision's.
+    hub.stages = ["RUNNING", "BUILDING", "APP_STARTING", "RUNNING"]
     args = ["backend", "--space", SPACE, "--skip-smoke-test", "--poll-interval", "0.05", "--timeout", "5"]
 
     planned = run_deploy(repo, hub, *args, "--dry-run", BACKEND_TOKEN=LOCK)
@@ -393,11 +456,59 @@ def test_backend_build_error_prints_the_build_logs_tail_masked_and_exits_1(repo:
     assert_no_secret(result, WRITE)
 
 
+def test_backend_deploy_waits_for_the_uploads_build_not_the_previous_revisions_running(repo: Path, hub: Hub) -> None:
+    hub.add(SPACE)
+    # Setting variables restarts the previous revision (APP_STARTING, RUNNING) before the upload's build starts.
+    hub.stages = ["RUNNING@old", "APP_STARTING@old", "RUNNING@old", "BUILDING@new", "RUNNING@new"]
+    args = ["backend", "--space", SPACE, "--skip-smoke-test", "--poll-interval", "0.05", "--timeout", "5"]
+
+    result = run_deploy(repo, hub, *args, BACKEND_TOKEN=LOCK)
+
+    assert result.returncode == 0, result.stderr
+    assert hub.routes().count(f"GET /api/spaces/{SPACE}/runtime") == 5
+    assert re.search(r"RUNNING \(the previous revision 0000000\)\n.*BUILDING\n.*RUNNING\n", result.stdout)
+
+
+def test_rolling_redeploy_stops_at_the_first_failed_build_and_leaves_the_rest_untouched(repo: Path, hub: Hub) -> None:
+    spaces = ["me/gpu-1", "me/gpu-2", "me/gpu-3"]
+    for space in spaces:
+        hub.add(space)
+    hub.stages = {
+        "me/gpu-1": ["RUNNING@old", "BUILDING@new", "RUNNING@new"],
+        "me/gpu-2": ["RUNNING@old", "BUILDING@new", "BUILD_ERROR@new"],
+        "me/gpu-3": ["RUNNING@old"],
+    }
+    hub.logs = ["ERROR: No matching distribution found for torch==99"]
+    named = [option for space in spaces for option in ("--space", space)]
+
+    result = run_deploy(repo, hub, "backend", *named, "--skip-smoke-test", "--poll-interval", "0.05", "--timeout", "5")
+
+    assert result.returncode == 1, result.stderr
+    routes = hub.routes()
+    assert routes[:3] == [f"GET /api/spaces/{space}" for space in spaces]  # every Space checked first
+    touched = [
+        route.split()[1].split("/")[3] for route in routes[3:] if route.startswith(("GET /api/s", "POST /api/s"))
+    ]
+    assert touched == sorted(touched)  # gpu-1's calls, all of them, then gpu-2's
+    assert routes.index("POST /api/spaces/me/gpu-1/commit/main") < routes.index("POST /api/spaces/me/gpu-2/variables")
+    assert routes.count("GET /api/spaces/me/gpu-1/runtime") == 3  # its new build's RUNNING, not the old one
+    assert "gpu-3" not in " ".join(routes[3:])  # not touched: no call at all after the check
+    assert hub.spaces["me/gpu-3"]["sha"] == "0" * 40
+    assert "ERROR: No matching distribution found for torch==99" in result.stderr
+    assert "me/gpu-2 ended in BUILD_ERROR" in result.stderr
+    assert (
+        "rolling redeploy stopped at me/gpu-2 (Space 2 of 3): done: me/gpu-1; failed: me/gpu-2; not touched: me/gpu-3"
+        in result.stderr
+    )
+    assert_no_secret(result, WRITE, LOCK)
+
+
 # --- the wait-and-report logic on stage sequences, with a fake clock -----------------------------------------------
 
 
 class FakeSpace:
-    """get_space_runtime walks through `stages` (the last one repeats); sleeping advances the fake clock."""
+    """get_space_runtime walks through `stages` (the last one repeats; "RUNNING@abc": RUNNING with sha "abc");
+    sleeping advances the fake clock."""
 
     def __init__(self, *stages: str, logs: tuple[str, ...] = ()) -> None:
         self.stages, self.logs = list(stages), logs
@@ -412,24 +523,26 @@ class FakeSpace:
     def get_space_runtime(self, repo_id: str) -> SpaceRuntime:
         self.polls += 1
         assert self.polls < 1000, "the wait never stopped polling"
-        return SpaceRuntime({"stage": self.stages.pop(0) if len(self.stages) > 1 else self.stages[0]})
+        stage, _, sha = (self.stages.pop(0) if len(self.stages) > 1 else self.stages[0]).partition("@")
+        return SpaceRuntime({"stage": stage, **({"sha": sha} if sha else {})})
 
     def fetch_space_logs(self, repo_id: str, *, build: bool = False) -> Iterator[str]:
         self.log_requests.append(build)
         return iter(self.logs)
 
-    def wait(self, timeout: float = 600, settle_s: float = 0) -> tuple[str, list[str]]:
+    def wait(self, timeout: float = 600, settle_s: float = 0, revision: str | None = None) -> tuple[str, list[str]]:
         said: list[str] = []
         runtime = deploy_plan.wait_until_running(
             lambda: self.get_space_runtime(SPACE),
             timeout=timeout,
             poll_s=10,
+            revision=revision,
             say=said.append,
             settle_s=settle_s,
             clock=self.clock,
             sleep=self.sleep,
         )
-        return runtime.stage, [line.split()[-1] for line in said]
+        return runtime.stage, [line.split(maxsplit=2)[-1] for line in said]
 
 
 def test_wait_returns_at_once_on_running() -> None:
@@ -456,6 +569,32 @@ def test_wait_takes_a_terminal_stage_seen_before_any_build_for_the_previous_revi
 
 def test_wait_keeps_polling_through_an_unknown_stage() -> None:
     assert FakeSpace("SLEEPING", "BUILDING", "RUNNING").wait() == ("RUNNING", ["SLEEPING", "BUILDING", "RUNNING"])
+
+
+def test_wait_for_a_revision_takes_only_that_revisions_stages() -> None:
+    restarted = FakeSpace("RUNNING@old", "APP_STARTING@old", "RUNNING@old", "BUILDING@new", "RUNNING@new")
+    previous = " (the previous revision old)"
+    shown = [f"RUNNING{previous}", f"APP_STARTING{previous}", f"RUNNING{previous}", "BUILDING", "RUNNING"]
+    assert restarted.wait(revision="new") == ("RUNNING", shown)
+    assert restarted.polls == 5
+
+    failed_before = FakeSpace("BUILD_ERROR@old", "BUILDING@new", "RUNTIME_ERROR@new")
+    assert failed_before.wait(revision="new")[0] == "RUNTIME_ERROR"
+    assert failed_before.polls == 3
+
+    unchanged = FakeSpace("RUNNING@new")  # an upload with no change: its commit is the one running
+    assert unchanged.wait(revision="new", settle_s=100) == ("RUNNING", ["RUNNING"])
+    assert unchanged.polls == 1
+
+    no_sha = FakeSpace("RUNNING", "BUILDING", "RUNNING")  # a runtime that names no commit: as before
+    assert no_sha.wait(revision="new", settle_s=100)[0] == "RUNNING"
+    assert no_sha.polls == 3
+
+
+def test_wait_for_a_revision_times_out_saying_the_previous_one_still_runs() -> None:
+    space = FakeSpace("RUNNING@old")
+    with pytest.raises(deploy_plan.WaitTimeout, match=r"still RUNNING \(the previous revision old\) after 60 s"):
+        space.wait(timeout=60, revision="new")
 
 
 def test_wait_times_out_at_the_bound() -> None:
@@ -548,3 +687,156 @@ def test_help_explains_every_option_and_the_exit_codes(capsys: pytest.CaptureFix
         assert all(option in text for option in options)
         assert "exit codes:" in text
         assert re.search(r"^  2  usage error or refusal", text, re.MULTILINE)
+        assert "rolling redeploy (backend with --space repeated):\n  every Space is checked first" in text
+    with pytest.raises(SystemExit):
+        deploy.main(["backend", "--help"])
+    assert "repeat it for a rolling redeploy: one Space at a time" in " ".join(capsys.readouterr().out.split())
+
+
+# --- deploy.py status: resends and refusals, from loopback servers serving /metrics --------------------------------
+
+METRICS_TOKEN = "metricsTOKENdoNotPrint0123456789"
+OLDER_JOBS = {("done", ""): 5, ("failed", ""): 1, ("lost", ""): 0, ("cancelled", ""): 0}
+OLDER_JOBS |= {("refused", reason): 0 for reason in ("fair_share", "rate", "bad_input", "queue_full")}
+
+
+class Metrics(ThreadingHTTPServer):
+    """An app's /metrics, only for its token: `jobs` by (outcome, reason), and `resent` by `after` where the build
+    counts resends (None: an older build), written by prometheus_client as the apps do."""
+
+    def __init__(self, token: str, jobs: dict[tuple[str, str], float], resent: dict[str, float] | None) -> None:
+        super().__init__(("127.0.0.1", 0), MetricsHandler)
+        self.token, self.jobs, self.resent = token, dict(jobs), resent
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/"
+
+    def text(self) -> bytes:
+        registry = CollectorRegistry()
+        jobs = Counter("backdrop_jobs", "Jobs by outcome.", ["outcome", "reason"], registry=registry)
+        for labels, count in self.jobs.items():
+            jobs.labels(*labels).inc(count)
+        if self.resent is not None:
+            resent = Counter("backdrop_jobs_resent", "Jobs sent again.", ["after"], registry=registry)
+            for after, count in self.resent.items():
+                resent.labels(after).inc(count)
+        Gauge("backdrop_jobs_waiting", "Waiting now.", registry=registry).set(2)
+        Gauge("backdrop_jobs_running", "Running now.", registry=registry).set(1)
+        return generate_latest(registry)
+
+
+class MetricsHandler(BaseHTTPRequestHandler):
+    server: Metrics
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        allowed = self.path == "/metrics" and self.headers.get("authorization") == f"Bearer {self.server.token}"
+        data = self.server.text() if allowed else b"Not Found"
+        self.send_response(200 if allowed else 404)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def apps() -> Iterator[list[Metrics]]:
+    """Started /metrics servers: append one, it is served until the test ends."""
+    servers: list[Metrics] = []
+    yield servers
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def serve(apps: list[Metrics], token: str, jobs: dict, resent: dict[str, float] | None = None) -> Metrics:
+    server = Metrics(token, jobs, resent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    apps.append(server)
+    return server
+
+
+def run_status(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    monkeypatch.setenv("METRICS_TOKEN", METRICS_TOKEN)
+    monkeypatch.setenv("BACKEND_TOKEN", LOCK)
+    code = deploy.main(["status", *args])
+    return code, capsys.readouterr().out
+
+
+def test_status_shows_resends_and_each_refusal_reason(
+    apps: list[Metrics], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs = OLDER_JOBS | {("refused", "fair_share"): 1, ("refused", "repeat_crash"): 2}
+    jobs |= {("refused", "long_wait"): 1, ("refused", "gpu_quota"): 3}
+    front = serve(apps, METRICS_TOKEN, jobs, {"waiting": 4, "running": 1})
+    back = serve(apps, LOCK, {("done", ""): 6, ("refused", "bad_input"): 0, ("refused", "queue_full"): 0})
+
+    code, screen = run_status(monkeypatch, capsys, "--frontend", front.url, "--backend", back.url)
+
+    assert code == 0
+    assert screen.splitlines()[:3] == [
+        f"frontend {front.url}: up · waiting 2 · running 1",
+        "  since start: done 5, failed 1, lost 0, cancelled 0, refused 7 (fair_share 1, rate 0, bad_input 0,"
+        " queue_full 0, repeat_crash 2, long_wait 1, gpu_quota 3)",
+        "  since start: resent 5 (while waiting 4, while running 1)",
+    ]
+    back_lines = screen.split(f"backend {back.url}: up")[1].splitlines()
+    assert back_lines[1] == (
+        "  since start: done 6, failed 0, lost 0, cancelled 0, refused 0 (fair_share 0, rate 0, bad_input 0,"
+        " queue_full 0)"
+    )
+    assert "resent" not in screen.split("backend")[1]
+    assert "older build" not in screen
+    assert METRICS_TOKEN not in screen
+    assert LOCK not in screen
+
+
+def test_status_of_an_older_frontend_build_shows_what_it_counts_and_names_what_it_lacks(
+    apps: list[Metrics], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    front = serve(apps, METRICS_TOKEN, OLDER_JOBS)
+
+    code, screen = run_status(monkeypatch, capsys, "--frontend", front.url)
+
+    assert code == 0
+    assert screen.splitlines()[1:3] == [
+        "  since start: done 5, failed 1, lost 0, cancelled 0, refused 0 (fair_share 0, rate 0, bad_input 0,"
+        " queue_full 0)",
+        "  not in its /metrics (an older build, or none since start): refused for repeat_crash, refused for long_wait,"
+        " refused for gpu_quota, resent",
+    ]
+
+
+def test_status_watch_shows_the_resends_and_refusals_of_the_last_minutes(
+    apps: list[Metrics], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    jobs = OLDER_JOBS | {("refused", r): 1 for r in ("repeat_crash", "long_wait", "gpu_quota")}
+    front = serve(apps, METRICS_TOKEN, jobs, {"waiting": 3, "running": 1})
+
+    class Stop(Exception):
+        pass
+
+    def between_scrapes(_: float) -> None:
+        if front.jobs[("refused", "gpu_quota")] > 1:
+            raise Stop
+        front.jobs[("refused", "gpu_quota")] += 2
+        front.jobs[("refused", "repeat_crash")] += 1
+        front.resent = {"waiting": 3, "running": 4}
+
+    monkeypatch.setattr(deploy_status.time, "sleep", between_scrapes)
+    with pytest.raises(Stop):
+        run_status(monkeypatch, capsys, "--frontend", front.url, "--watch", "30")
+    first, second = capsys.readouterr().out.split(f"frontend {front.url}: up")[1:]
+
+    assert "since start: resent 4 (while waiting 3, while running 1)" in first
+    assert (
+        "refused 3 (fair_share 0, rate 0, bad_input 0, queue_full 0, repeat_crash 1, long_wait 1, gpu_quota 1)"
+        in first
+    )
+    assert "last 0 min: resent 3 (while waiting 0, while running 3)" in second
+    assert (
+        "refused 3 (fair_share 0, rate 0, bad_input 0, queue_full 0, repeat_crash 1, long_wait 0, gpu_quota 2)"
+        in second
+    )
