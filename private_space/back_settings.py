@@ -61,7 +61,7 @@ GPU_DURATION_S = SETTINGS.count(
     "GPU_DURATION_S",
     30,
     "the most ZeroGPU seconds one request reserves (on `zero-a10g` hardware); each request asks for what its steps "
-    "and size need, see below",
+    "and size need (`backdrop.gpu_seconds`, below)",
 )
 MAX_SIDE = SETTINGS.count("MAX_SIDE", 1024, "longest side, in pixels, a photo is scaled down to")
 MAX_UPLOAD_MB = SETTINGS.number("MAX_UPLOAD_MB", 10, "largest photo accepted")

@@ -22,11 +22,16 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from deploy_plan import DeployError, Exit, Plan, Refused, smoke_test, wait_and_report
 from huggingface_hub import HfApi, SpaceHardware, get_token
 from huggingface_hub.errors import RepositoryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
+from settings_tables import settings_of
+
+if TYPE_CHECKING:
+    from environment import Settings  # each Space's own copy (private_space/, public_space/)
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "public_space" / "examples" / "astronaut.png"
@@ -36,8 +41,8 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 URL = re.compile(r"^https?://[^\s,]+$")
 HARDWARE = [flavor.value for flavor in SpaceHardware]
 MASK = "***"
-SEGMENTATION_MODEL = "mattmdjaga/segformer_b2_clothes"
-BACKGROUND_MODEL = "stabilityai/sd-turbo"
+BACK = settings_of("private_space").SETTINGS  # each option's default is the app's own (one source per fact)
+FRONT = settings_of("public_space").SETTINGS
 # ZeroGPU runs several GPU calls of one Space at once, each on its own GPU, and tells visitors beyond the Space's
 # slots "Waiting for a GPU slot on this Space": two at once doubles throughput without hogging the shared pool.
 ZERO_GPU_CONCURRENCY = 2
@@ -88,6 +93,12 @@ def _seconds(value: str) -> float:
     return float(value)
 
 
+def _variable(settings: Settings, name: str) -> dict[str, str]:
+    """An option that sets the Space's variable `name`: its default and meaning are the app's own."""
+    (setting,) = (setting for setting in settings.listed if setting.name == name)
+    return {"default": setting.default, "help": f"variable {name}: {setting.meaning}"}
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's layout and shows each option's default, when it has one."""
 
@@ -129,11 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--hardware", default="t4-small", choices=HARDWARE, metavar="FLAVOR", help=flavors)
     add("--sleep-time", type=int, metavar="S", help="idle seconds before it sleeps; -1: never (paid hardware only)")
-    add("--segmentation-model", default=SEGMENTATION_MODEL, metavar="ID", help="variable SEGMENTATION_MODEL")
-    add("--background-model", default=BACKGROUND_MODEL, metavar="ID", help="variable BACKGROUND_MODEL")
-    add("--steps", type=int, default=1, metavar="N", help="variable BACKGROUND_STEPS: diffusion steps per backdrop")
-    add("--queue-max-size", type=int, default=32, metavar="N", help="variable QUEUE_MAX_SIZE: requests that may wait")
-    add("--gpu-duration", type=int, default=30, metavar="S", help="variable GPU_DURATION_S: cap on ZeroGPU s/request")
+    add("--segmentation-model", metavar="ID", **_variable(BACK, "SEGMENTATION_MODEL"))
+    add("--background-model", metavar="ID", **_variable(BACK, "BACKGROUND_MODEL"))
+    add("--steps", type=int, metavar="N", **_variable(BACK, "BACKGROUND_STEPS"))
+    add("--queue-max-size", type=int, metavar="N", **_variable(BACK, "QUEUE_MAX_SIZE"))
+    add("--gpu-duration", type=int, metavar="S", **_variable(BACK, "GPU_DURATION_S"))
     add(
         "--gpu-concurrency",
         type=int,
@@ -166,13 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a private Space (or URL); repeat it for several: variable BACKEND, the comma-joined list",
     )
     add("--hardware", default="cpu-basic", choices=HARDWARE, metavar="FLAVOR", help=flavors)
-    add(
-        "--wake-timeout",
-        type=int,
-        default=180,
-        metavar="S",
-        help="variable BACKEND_WAKE_TIMEOUT: wait for a sleeping backend",
-    )
+    add("--wake-timeout", type=int, metavar="S", **_variable(FRONT, "BACKEND_WAKE_TIMEOUT"))
     frontend.set_defaults(sleep_time=None)
 
     status = commands.add_parser(

@@ -184,10 +184,12 @@ def hub() -> Iterator[Hub]:
 def repo(tmp_path: Path) -> Path:
     """A repo-shaped folder: the two deploy scripts, and two small Space folders to upload."""
     (tmp_path / "scripts").mkdir()
-    for name in ("deploy.py", "deploy_plan.py"):
+    for name in ("deploy.py", "deploy_plan.py", "settings_tables.py"):
         shutil.copy(ROOT / "scripts" / name, tmp_path / "scripts" / name)
-    for space in ("private_space", "public_space"):
+    for space, settings in (("private_space", "back_settings.py"), ("public_space", "front_settings.py")):
         (tmp_path / space / "__pycache__").mkdir(parents=True)
+        for name in ("environment.py", settings):  # where deploy.py takes its defaults
+            shutil.copy(ROOT / space / name, tmp_path / space / name)
         (tmp_path / space / "app.py").write_text("print('hello')\n")
         (tmp_path / space / "README.md").write_text("---\nsdk: gradio\n---\n")
         (tmp_path / space / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"\0compiled")
@@ -249,7 +251,8 @@ def test_backend_dry_run_prints_every_call_in_order_masked_and_sends_nothing(rep
     assert "delete_patterns='*'" in plan
     assert "'*__pycache__*'" in plan
     assert "Client.predict(space='me/backdrop-gpu', token='***'" in plan
-    assert "3 files from private_space/: README.md, app.py, helpers/imaging.py" in result.stdout
+    files = "README.md, app.py, back_settings.py, environment.py, helpers/imaging.py"
+    assert f"5 files from private_space/: {files}" in result.stdout
     assert_no_secret(result, WRITE, LOCK)
 
 
@@ -436,7 +439,14 @@ def test_backend_deploy_makes_the_dry_runs_calls_and_waits_for_running(repo: Pat
     assert json.loads(hub.body("POST /api/repos/create")[0])["visibility"] == "private"
     assert json.loads(hub.body(f"POST {base}/secrets")[0]) == {"key": "BACKEND_TOKEN", "value": LOCK}
     assert json.loads(hub.body(f"POST {base}/hardware")[0]) == {"flavor": "t4-small"}
-    assert hub.spaces[SPACE]["files"] == {".gitattributes", "README.md", "app.py", "helpers/imaging.py"}
+    assert hub.spaces[SPACE]["files"] == {
+        ".gitattributes",
+        "README.md",
+        "app.py",
+        "back_settings.py",
+        "environment.py",
+        "helpers/imaging.py",
+    }
     assert re.search(r"BUILDING\n.*APP_STARTING\n.*RUNNING\n", result.stdout)
     assert_no_secret(result, WRITE, LOCK)
 
