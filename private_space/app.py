@@ -19,7 +19,7 @@ from starlette.middleware import Middleware
 
 from back_metrics import BackMetrics, CountFullQueue
 from gpu_gate import GpuGate
-from guard import launch_guarded
+from guard import GET, Allowed, launch_guarded
 from identity import BuildHeader, build_id
 from imaging import Photo, PhotoError, composite, decode_photo, encode_photo, overlay, seed_for
 
@@ -186,6 +186,10 @@ def _waiting(demo: gr.Blocks, fn: Any) -> float:
     return float(len(waiting.queue)) if waiting is not None else 0.0
 
 
+# Besides Gradio's own routes (guard.ROUTES):
+ROUTES = (Allowed(GET, "/gradio_api/queue/status", "the public relay's probe of a backend (relay.py `status`)"),)
+
+
 def serve(demo: gr.Blocks, *, token: str | None = BACKEND_TOKEN, warm_up: bool = True, **launch_kwargs: Any) -> None:
     """Launch `demo` behind the endpoint guard (and token lock), then warm it up so that ETAs exist at once.
 
@@ -201,6 +205,7 @@ def serve(demo: gr.Blocks, *, token: str | None = BACKEND_TOKEN, warm_up: bool =
         demo,
         api_name=API_NAME,
         token=token,
+        allowed=ROUTES,
         max_body_bytes=limit,
         middleware=[build, full_queue],
         metrics=metrics,

@@ -26,14 +26,14 @@ from starlette.middleware import Middleware
 from backends import RETRY_DOWN_S, Backends
 from files import EXAMPLE_ROUTE, Files, FilesMiddleware
 from front_metrics import FrontMetrics, Job, NoMetrics
-from guard import launch_guarded
+from guard import GET, POST, UPLOAD, Allowed, launch_guarded
 from pacing import Pacer, Tail, ticking
 from photo_rules import PhotoError, load_photo, open_photo
 from relay import FAILED, Finished, Queued, RelayError, Running, Unavailable, Update, Waking
 from results import Results
-from sign_in import available, sign_in_button
+from sign_in import SIGN_IN_ROUTES, available, sign_in_button
 from visitors import FairShare, TurnedAway, visitor_of
-from waiting import WaitMiddleware, line_now, poll_js
+from waiting import WAIT_ROUTE, WaitMiddleware, line_now, poll_js
 
 BACKEND = [target.strip() for target in os.getenv("BACKEND", "").split(",") if target.strip()]  # Space ids or URLs
 BACKEND_RETRY_S = float(os.getenv("BACKEND_RETRY_S", RETRY_DOWN_S))  # a failed backend is probed again after this
@@ -382,6 +382,15 @@ def _upload_example_js() -> str:
     }}"""
 
 
+# The page's routes besides Gradio's own (guard.ROUTES); with sign-in, SIGN_IN_ROUTES too.
+ROUTES = (
+    Allowed(POST, UPLOAD, "the visitor's photo (files.py holds each visitor to their share)"),
+    Allowed(GET, "/gradio_api/upload_progress", "the page's progress bar while a photo uploads"),
+    Allowed(GET, WAIT_ROUTE, "the wait before one runs, which the page polls (waiting.py)"),
+    Allowed(GET, EXAMPLE_ROUTE, "the example photo: the button's icon, and what it uploads (files.py)"),
+)
+
+
 def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
     """Launch `demo` behind the endpoint guard; returns once the server is up."""
     # Who a visitor is follows TRUSTED_PROXY_HOPS alone: uvicorn would otherwise take X-Forwarded-For from any
@@ -398,7 +407,7 @@ def serve(demo: gr.Blocks, **launch_kwargs: Any) -> None:
     launch_guarded(
         demo,
         api_name=API_NAME,
-        allow_uploads=True,
+        allowed=ROUTES + (SIGN_IN_ROUTES if demo.expects_oauth else ()),
         max_file_size="20mb",
         middleware=[files, wait],
         metrics=demo.backdrop_metrics,
