@@ -113,7 +113,7 @@ class EndpointGuard:
         self.log = _ThrottledLog(LOG_EVERY_S)
 
     def entry_for(self, method: str, path: str) -> Allowed | None:
-        """The entry that lets `method` reach `path` (as `_route_path` gives it), or None."""
+        """The entry that lets `method` reach `path` (as `route_path` gives it), or None."""
         for methods, pattern, entry in self.entries:
             if method in methods and pattern.fullmatch(path):
                 return entry
@@ -155,7 +155,7 @@ class EndpointGuard:
 
     async def _check(self, scope: Scope, receive: Receive) -> tuple[tuple[int, str] | None, Receive]:
         """Return the refusal (status, sentence) for this request, if any, and the receive to pass on."""
-        method, path = scope["method"], _route_path(scope)
+        method, path = scope["method"], route_path(scope)
         if self.token is not None and path not in TOKENLESS and not self._authorized(scope):
             return (401, "A valid token is required."), receive
         entry = self.entry_for(method, path)
@@ -186,7 +186,7 @@ class EndpointGuard:
 
     def _metrics_asked(self, scope: Scope) -> bool:
         """A GET of /metrics with the metrics token; any other request for it is one for an unknown route."""
-        if self.metrics is None or scope["method"] != "GET" or _route_path(scope) != METRICS:
+        if self.metrics is None or scope["method"] != "GET" or route_path(scope) != METRICS:
             return False
         return self._authorized(scope, self.metrics[0])
 
@@ -270,7 +270,8 @@ def _content_length(scope: Scope) -> int:
     return int(value) if value.isdigit() else 0
 
 
-def _route_path(scope: Scope) -> str:
+def route_path(scope: Scope) -> str:
+    """The request's path within the app (its root path stripped, repeated and trailing slashes dropped)."""
     path: str = scope["path"]
     root = scope.get("root_path", "")
     if root and path.startswith(root):

@@ -9,19 +9,24 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
 from starlette.middleware import Middleware
+from starlette.requests import Request
 
+from accounts import Accounts, hub_calls_time_out
 from backends import Backends
 from choices import CATEGORIES, GENDERS
 from endpoint import NOT_CONFIGURED, Relay, relay_endpoint
 from files import EXAMPLE_ROUTE, Files, FilesMiddleware
 from front_metrics import FrontMetrics, NoMetrics
 from front_settings import (
+    ACCOUNT_MAX_JOBS,
+    ACCOUNT_RATE,
     BACKEND,
     BACKEND_RETRY_S,
     BACKEND_WAKE_TIMEOUT,
@@ -33,6 +38,7 @@ from front_settings import (
     MAX_SIDE,
     MAX_UPLOAD_MB,
     MAX_VISITORS,
+    MAX_WAIT_S,
     METRICS_TOKEN,
     RESULT_CACHE_ENTRIES,
     RESULT_CACHE_MB,
@@ -40,14 +46,14 @@ from front_settings import (
     VISITOR_FILES_MB,
     VISITOR_RATE,
 )
-from guard import GET, POST, UPLOAD, Allowed, launch_guarded
+from guard import GET, POST, UPLOAD, Allowed, Scope, launch_guarded
 from photos import PhotoReader, photo_bytes
 from relay import API_NAME  # the public endpoint is called as the backend's
 from results import Results
-from sign_in import SIGN_IN_ROUTES, available, sign_in_button
-from visitors import FairShare
-from waiting import WAIT_ROUTE, WaitMiddleware, line_now, poll_js
-from wording import about
+from sign_in import ME_ROUTE, SIGN_IN_ROUTES, available, sign_in_button, who_js
+from visitors import Callers, FairShare, Share, signed_in
+from waiting import WAIT_ROUTE, ReadOnlyRoutes, WaitLine, poll_js
+from wording import UNDER_WAY, about
 
 EXAMPLE_PHOTO = Path(__file__).parent / "examples" / "astronaut.png"
 # The page's routes besides Gradio's own (guard.ROUTES), each with why; with sign-in, SIGN_IN_ROUTES too.
@@ -55,6 +61,7 @@ ROUTES = (
     Allowed(POST, UPLOAD, "the visitor's photo (files.py holds each visitor to their share)"),
     Allowed(GET, "/gradio_api/upload_progress", "the page's progress bar while a photo uploads"),
     Allowed(GET, WAIT_ROUTE, "the wait before one runs, which the page polls (waiting.py)"),
+    Allowed(GET, ME_ROUTE, "whom the page's own visitor is signed in as, and nothing else (sign_in.py)"),
     Allowed(GET, EXAMPLE_ROUTE, "the example photo: the button's icon, and what it uploads (files.py)"),
 )
 
@@ -74,9 +81,12 @@ class Front:
     def files(self) -> Files:
         return self.relay.files
 
-    def line(self) -> dict[str, object]:
-        """The wait before a photo sent now would be done (the page polls it: waiting.py)."""
-        return line_now(self.relay.pool, about)
+    def read_only_routes(self) -> dict[str, Callable[[Scope], object]]:
+        """The page's read-only GETs: the wait before one runs, and who the page's own visitor is signed in as."""
+        return {
+            WAIT_ROUTE: lambda _scope: self.relay.wait_line.figure(),
+            ME_ROUTE: lambda scope: {"name": signed_in(Request(scope))},
+        }
 
     def close(self) -> None:
         self.blocks.close()
@@ -90,6 +100,9 @@ def create_app(
     max_upload_mb: float = MAX_UPLOAD_MB,
     max_jobs_per_visitor: int = MAX_JOBS_PER_VISITOR,
     visitor_rate: str = VISITOR_RATE,
+    account_max_jobs: int = ACCOUNT_MAX_JOBS,
+    account_rate: str = ACCOUNT_RATE,
+    max_wait_s: float = MAX_WAIT_S,
     trusted_proxy_hops: int = TRUSTED_PROXY_HOPS,
     keep_files_s: float = KEEP_FILES_S,
     files_quota_mb: float = FILES_QUOTA_MB,
@@ -97,6 +110,7 @@ def create_app(
     result_cache_entries: int = RESULT_CACHE_ENTRIES,
     result_cache_mb: float = RESULT_CACHE_MB,
     sign_in: bool | None = None,
+    accounts: Accounts | None = None,
     metrics_token: str | None = METRICS_TOKEN,
     delete_cache: tuple[int, int] | None = None,
 ) -> Front:
@@ -106,6 +120,7 @@ def create_app(
     own sweep (every, older than; seconds), off: it removes files by age whatever their use, a photo being tried
     again or a result about to be downloaded included. Set it only as a backstop far longer than `keep_files_s`.
     `sign_in`: show "Sign in with Hugging Face" (default: where the Space provides OAuth, sign_in.py).
+    `accounts`: how a caller's token names their account (default: the Hub's whoami, accounts.py).
     `metrics_token`: the maintainer's token for GET /metrics; without one there is no such route, and nothing is
     counted (front_metrics.py).
     """
@@ -123,16 +138,22 @@ def create_app(
         metrics = FrontMetrics(pool, kept_bytes=lambda: files.kept_bytes) if metrics_token else None
         relay = Relay(
             pool=pool,
+            callers=Callers(trusted_proxy_hops, accounts or Accounts()),
             files=files,
-            fair_share=FairShare(max_jobs_per_visitor, visitor_rate, sign_in=sign_in),
+            fair_share=FairShare(
+                address=Share(max_jobs_per_visitor, visitor_rate),
+                account=Share(account_max_jobs, account_rate),
+                sign_in=sign_in,
+            ),
             results=Results(  # the example's results are everyone's (results.py)
                 max_entries=result_cache_entries,
                 max_bytes=int(result_cache_mb * 2**20),
                 example=photo_bytes(EXAMPLE_PHOTO, *photos.limits),
             ),
             photos=photos,
+            wait_line=WaitLine(pool, max_wait_s=max_wait_s, about=about),
             metrics=metrics or NoMetrics(),
-            trusted_hops=trusted_proxy_hops,
+            sign_in=sign_in,
         )
         _page(blocks, relay_endpoint(relay), sign_in=sign_in, configured=pool is not None)
     blocks.queue(default_concurrency_limit=None)
@@ -142,8 +163,11 @@ def create_app(
 def _page(blocks: gr.Blocks, endpoint: Any, *, sign_in: bool, configured: bool) -> None:
     """The page's components and events, inside the Blocks: Run is the endpoint; every other event is the browser's."""
     gr.Markdown("# Backdrop\nUpload a portrait, pick a style, and get a new background behind the person.")
-    if sign_in:  # a signed-in visitor's fair share is their own
-        sign_in_button(size="sm", elem_id="sign-in")
+    if sign_in:  # a signed-in visitor's fair share is their own; the page says who they are (sign_in.py)
+        with gr.Row():
+            button = sign_in_button(size="sm", elem_id="sign-in", scale=0, min_width=200)
+            who = gr.Markdown(elem_id="signed-in-as")
+        blocks.load(None, js=who_js(), outputs=[button, who], api_visibility="private")  # browser-only
     if not configured:
         gr.Markdown(f"**{NOT_CONFIGURED}**", elem_id="not-configured")
     with gr.Row(equal_height=False):
@@ -173,7 +197,7 @@ def _page(blocks: gr.Blocks, endpoint: Any, *, sign_in: bool, configured: bool) 
     stop.click(None, js="() => 'Stopped.'", outputs=[status], cancels=[job], api_visibility="private")
     # Browser-only: fetch the example and hand it to the photo input as a real upload.
     example.click(None, js=_upload_example_js(), api_visibility="private")
-    blocks.load(None, js=poll_js("wait"), api_visibility="private")  # browser-only: it polls a read-only route
+    blocks.load(None, js=poll_js("wait", "status", UNDER_WAY), api_visibility="private")  # browser-only: a GET
 
 
 def _example_icon() -> dict[str, Any]:
@@ -203,15 +227,17 @@ def serve(front: Front, **launch_kwargs: Any) -> None:
     launch_kwargs.setdefault("state_session_capacity", MAX_VISITORS)
     if importlib.util.find_spec("matplotlib") is None:  # Gradio tries to import it around every generator step
         sys.modules.setdefault("matplotlib", None)  # a failed import then costs nothing instead of a path search
-    files = Middleware(FilesMiddleware, files=front.files, example=EXAMPLE_PHOTO.read_bytes())
-    wait = Middleware(WaitMiddleware, figure=front.line)
+    hub_calls_time_out()
+    callers, example = front.relay.callers, EXAMPLE_PHOTO.read_bytes()
+    files = Middleware(FilesMiddleware, files=front.files, callers=callers, example=example)
+    read_only = Middleware(ReadOnlyRoutes, routes=front.read_only_routes())
     metrics = (front.metrics_token, front.metrics.render) if front.metrics else None
     launch_guarded(
         front.blocks,
         api_name=API_NAME,
         allowed=ROUTES + (SIGN_IN_ROUTES if front.blocks.expects_oauth else ()),
         max_file_size="20mb",
-        middleware=[files, wait],
+        middleware=[files, read_only],
         metrics=metrics,
         **launch_kwargs,
     )

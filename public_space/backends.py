@@ -2,25 +2,32 @@
 
 Judged from what each backend announced to the jobs this relay sent it (when each should finish) and how fast it
 has been finishing them. A backend that fails to take a job is skipped and probed in the background until it
-answers again; a job that had not started when its backend died is sent to another one. The protocol to one
-backend is in relay.py; here is what the relay keeps about each one: its routing figures (`Figures`), its health
-and endpoint (`Backend`), and the counts the metrics read (`Backend.sent`, `Backend.moved`, `Backend.down`).
+answers again. A job outlives its backend: when a backend goes away (a redeploy, a crash), each job it had, waiting
+or running, is sent again, to another backend that is up or to the same one once it is back (at-least-once
+delivery), in the order the jobs first came (`Line`), within the wake timeout; a job that was running on a backend
+that went away twice is not sent a third time (`RepeatCrash`), so one photo that stops backends cannot stop them
+all in turn. The protocol to one backend is in relay.py; here is what the relay keeps about each one: its routing
+figures (`Figures`), its health and endpoint (`Backend`), and the counts the metrics read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Coroutine, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
 
 import httpx
 
 import relay
+from front_settings import BACKEND_RETRY_S, BACKEND_WAKE_TIMEOUT
 from relay import (
     Busy,
     Endpoint,
@@ -30,6 +37,8 @@ from relay import (
     NotReady,
     Queued,
     RelayError,
+    RepeatCrash,
+    Restarting,
     Running,
     Started,
     StreamBroke,
@@ -41,14 +50,33 @@ from relay import (
 logger = logging.getLogger("backdrop.relay")  # the same logger as relay.py: all the relay's log lines under one name
 
 RETRY_EVERY_S = 2.0  # while every backend is down, a waiting visitor's tries
-RETRY_DOWN_S = 10.0  # a backend that failed is probed again after this, doubling up to RETRY_DOWN_MAX_S
 RETRY_DOWN_MAX_S = 60.0
 JOINS_AT_ONCE = 4
 GAPS_KEPT = 20  # a backend's observed interval is the mean of its last this many gaps between two completions
+OUTAGES_KEPT = 5  # how long a backend takes to come back: the mean of its last this many outages
+CRASHES_AT_MOST = 2  # a job that was running on a backend that went away this many times is not sent again
+
+
+class Photo(Protocol):
+    """A job's photo, read again for each time the job is sent (photos.Photo)."""
+
+    async def bytes(self) -> bytes: ...
 
 
 @dataclass
-class Job:
+class PhotoJob:
+    """One visitor's job as the pool sends it: what to send, their own headers (their ZeroGPU token), and when it
+    first came (its place among jobs waiting for a backend)."""
+
+    photo: Photo
+    category: str
+    gender: str
+    headers: dict[str, str]
+    since: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class SentJob:
     """One job sent to a backend, from the moment it was routed there until its stream ends."""
 
     session: str
@@ -64,7 +92,7 @@ class Figures:
     now, GPU backlog included; it stands in for `interval` until one is seen)."""
 
     def __init__(self) -> None:
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[str, SentJob] = {}
         self.service: float | None = None
         self.finished = 0  # jobs it finished for this relay
         self._gaps: deque[float] = deque(maxlen=GAPS_KEPT)
@@ -94,7 +122,7 @@ class Figures:
         unannounced = len(self.jobs) - len(dues)
         return max([overdue * gap, *dues]) + (unannounced + 1) * gap
 
-    def note(self, job: Job, update: Update) -> None:
+    def note(self, job: SentJob, update: Update) -> None:
         """Keep what the backend announces about a job: its expected finish while it waits, and from its start the
         time it announced then (the GPU gate's estimate for a job starting now)."""
         if isinstance(update, Queued) and update.eta is not None:
@@ -121,8 +149,8 @@ class Backend:
         target: str,
         token: str | None,
         *,
-        wake_timeout: float = 180.0,
-        retry_after: float = RETRY_DOWN_S,
+        wake_timeout: float = BACKEND_WAKE_TIMEOUT,
+        retry_after: float = BACKEND_RETRY_S,  # a backend that failed is probed again after this, doubling
         name: str = "the backend",
     ) -> None:
         self.target = target
@@ -133,7 +161,9 @@ class Backend:
         self.figures = Figures()
         self.down = False
         self.sent = 0  # jobs that joined its queue
-        self.moved = 0  # jobs sent here that went to another backend after this one failed
+        self.moved = 0  # jobs sent here that were sent again (here or elsewhere) after it went away
+        self.down_since: float | None = None  # while down (monotonic)
+        self.outages: deque[float] = deque(maxlen=OUTAGES_KEPT)  # how long it took to come back, the last few times
         self._failures = 0
         self._headers = {"x-hf-authorization": f"Bearer {token}"} if token else {}
         self._token = token
@@ -154,9 +184,9 @@ class Backend:
             self._http = httpx.AsyncClient(headers=self._headers, limits=limits, timeout=timeout)
         return self._http
 
-    async def accept(self, photo: bytes, category: str, gender: str, headers: dict[str, str]) -> Job:
+    async def accept(self, photo: bytes, category: str, gender: str, headers: dict[str, str]) -> SentJob:
         """Join the backend's queue with a fresh session; the job counts as sent here from the first moment."""
-        job = Job(session=uuid.uuid4().hex)
+        job = SentJob(session=uuid.uuid4().hex)
         self.figures.jobs[job.session] = job  # before any await: the next routing decision already counts it
         try:
             job.endpoint = endpoint = await self._resolve()
@@ -175,22 +205,20 @@ class Backend:
         self.mark_up()
         return job
 
-    async def follow(self, job: Job) -> AsyncIterator[Update]:
+    async def follow(self, job: SentJob) -> AsyncIterator[Update]:
         """The job's updates; closing this early cancels the job. Raises StreamBroke if the stream ends first."""
-        finished = False
         try:
             async for update in relay.follow(self.http, job.endpoint, job.session, job.event_id, self.name):
                 self.figures.note(job, update)
-                finished = isinstance(update, Finished)
+                if isinstance(update, Finished):  # over before its visitor has it: the wait line no longer counts it
+                    del self.figures.jobs[job.session]
+                    self.figures.completed(time.monotonic())
                 yield update
         except StreamBroke:
             self._endpoint = None
             raise
         finally:
-            del self.figures.jobs[job.session]
-            if finished:
-                self.figures.completed(time.monotonic())
-            else:  # the visitor left, pressed Stop, or the stream broke
+            if self.figures.jobs.pop(job.session, None) is not None:  # the visitor left, pressed Stop, or it broke
                 self._cancel_soon(job.endpoint, job.session, job.event_id)
 
     def mark_down(self, reason: str) -> None:
@@ -198,7 +226,7 @@ class Backend:
         self._endpoint = None
         if self.down:  # the probe counts its own failures; many jobs reporting one outage are one failure
             return
-        self.down, self._failures = True, self._failures + 1
+        self.down, self._failures, self.down_since = True, self._failures + 1, time.monotonic()
         logger.warning(
             "%s is down (%s); it is tried again in %.0f s.", self.name.capitalize(), reason, self._retry_s()
         )
@@ -212,7 +240,15 @@ class Backend:
     def mark_up(self) -> None:
         if self.down:
             logger.info("%s answers again.", self.name.capitalize())
-        self.down, self._failures = False, 0
+            if self.down_since is not None:
+                self.outages.append(time.monotonic() - self.down_since)
+        self.down, self._failures, self.down_since = False, 0, None
+
+    def back_in(self, now: float) -> float | None:
+        """Seconds until this down backend should answer again, judged by its last outages; None if none seen."""
+        if not self.outages or self.down_since is None:
+            return None
+        return max(0.0, sum(self.outages) / len(self.outages) - (now - self.down_since))
 
     async def _probe(self) -> None:
         try:
@@ -276,12 +312,59 @@ class Backend:
         return task
 
 
+class Line:
+    """The jobs no backend took when they asked (every backend down, asleep or restarting), oldest first.
+
+    Only the first in line asks again, every RETRY_EVERY_S; once a backend takes it, the next asks at once. So the
+    jobs a restart sends back keep the order they first came in, and a job that comes meanwhile goes after them.
+    """
+
+    def __init__(self) -> None:
+        self._waiting: list[tuple[float, int, asyncio.Event]] = []  # (since, tie-break, its turn)
+        self._numbers = itertools.count()
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    @contextlib.contextmanager
+    def place(self, since: float) -> Iterator[asyncio.Event]:
+        """A place in line for a job that came at `since`, for the length of the block: the event is set while the
+        job is first in line."""
+        entry = (since, next(self._numbers), asyncio.Event())
+        bisect.insort(self._waiting, entry, key=lambda waiting: waiting[:2])
+        self._turn()
+        try:
+            yield entry[2]
+        finally:
+            self._waiting.remove(entry)
+            self._turn()
+
+    def _turn(self) -> None:
+        for number, (*_, turn) in enumerate(self._waiting):
+            turn.set() if number == 0 else turn.clear()
+
+
+class Placed(NamedTuple):
+    """A job a backend took."""
+
+    backend: Backend
+    job: SentJob
+
+
+@dataclass
+class Resends:
+    """Jobs sent again because their backend went away: while they waited, or while they ran."""
+
+    waiting: int = 0
+    running: int = 0
+
+
 class Backends:
     """One or several backends behind one `predict`: the only type the app speaks to.
 
-    Down backends are skipped while another is up; when all are down, each is tried every RETRY_EVERY_S (the
-    visitor sees Waking) until the longest wake timeout. A job whose backend's stream breaks before it started
-    goes to another backend; one that had started gets the LOST sentence (it may have been partly processed).
+    Down backends are skipped while another is up; when all are down, each is tried every RETRY_EVERY_S by the
+    first job in line (the visitor sees Waking, or Restarting for a job sent before) until the longest wake
+    timeout. A job whose backend went away is sent again (see the module's docstring).
     """
 
     def __init__(self, backends: Sequence[Backend]) -> None:
@@ -289,6 +372,8 @@ class Backends:
             raise ValueError("no backends")
         self.backends = list(backends)
         self.wake_timeout = max(backend.wake_timeout for backend in self.backends)
+        self.line = Line()
+        self.resends = Resends()
         for number, backend in enumerate(self.backends, start=1):
             backend.label = f"backend {number} of {len(self.backends)}"
 
@@ -314,49 +399,77 @@ class Backends:
         return [backend for _, backend in sorted(enumerate(candidates), key=key)]
 
     async def predict(
-        self, photo: bytes, category: str, gender: str, *, ip_token: str | None = None
+        self, photo: Photo, category: str, gender: str, *, headers: dict[str, str] | None = None
     ) -> AsyncIterator[Update]:
-        """Run one job on the best backend as its own session; closing this iterator early cancels that job only."""
-        headers = {"x-ip-token": ip_token} if ip_token else {}  # this visitor's ZeroGPU quota, this call only
-        spare = photo if len(self.backends) > 1 else None  # kept to resend a job that had not started; else freed
+        """Run one job on the best backend as its own session, and again wherever a backend takes it if that one
+        goes away; closing this iterator early cancels that job only. `headers`: this visitor's own, for this job
+        only (their ZeroGPU token)."""
+        request, crashes, lost = PhotoJob(photo, category, gender, headers or {}), 0, None
         while True:
-            deadline = time.monotonic() + self.wake_timeout
-            while (placed := await self._place(photo, category, gender, headers)) is None:
-                if time.monotonic() > deadline:
-                    logger.error("No backend became reachable within %.0f s.", self.wake_timeout)
-                    raise Unavailable(relay.UNAVAILABLE)
-                yield Waking()
-                await asyncio.sleep(RETRY_EVERY_S)
-            del photo  # a visitor waiting in line keeps no photo here, unless another backend could take it over
+            placed = None if lost or len(self.line) else await self._place(request)
+            if placed is None:
+                async for update in self._wait_in_line(request, lost):
+                    if isinstance(update, Placed):
+                        placed = update
+                    else:
+                        yield update
             backend, job = placed
+            running = False
             try:
                 async with contextlib.aclosing(backend.follow(job)) as stream:
                     async for update in stream:
-                        if isinstance(update, Running) and update.fraction:
-                            spare = None  # work on it began: it will not be sent again (before, it waits its turn)
+                        running = running or (isinstance(update, Running) and bool(update.fraction))
                         yield update
                 return
             except StreamBroke:
                 backend.mark_down("its stream broke")
-                if spare is None:  # it had started (it may be partly processed), or there is no other backend
-                    raise Lost from None
             backend.moved += 1
-            logger.warning("A job that had not started on %s goes to another backend.", backend.name)
-            photo = spare
+            crashes += running
+            if crashes >= CRASHES_AT_MOST:
+                logger.warning("A job was running on backends that went away %d times: it is not sent again.", crashes)
+                raise RepeatCrash from None
+            lost = "running" if running else "waiting"
+            if running:
+                self.resends.running += 1
+            else:
+                self.resends.waiting += 1
+            logger.warning("%s went away with a job %s there: it is sent again.", backend.name.capitalize(), lost)
 
-    async def _place(
-        self, photo: bytes, category: str, gender: str, headers: dict[str, str]
-    ) -> tuple[Backend, Job] | None:
+    async def _wait_in_line(self, request: PhotoJob, lost: str | None) -> AsyncIterator[Update | Placed]:
+        """Wait in `line` until a backend takes the job (yielded last, as Placed), telling the visitor how things
+        stand meanwhile; Unavailable (or Lost, for a job that was running when it was lost) past the wake timeout."""
+        deadline = time.monotonic() + self.wake_timeout
+        with self.line.place(request.since) as first:
+            while True:
+                yield Restarting(self._back_in(), time.monotonic()) if lost else Waking()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(first.wait(), timeout=max(0.0, deadline - time.monotonic()))
+                if first.is_set() and (placed := await self._place(request)) is not None:
+                    yield placed
+                    return
+                if time.monotonic() > deadline:
+                    logger.error("No backend became reachable within %.0f s.", self.wake_timeout)
+                    raise Lost if lost == "running" else Unavailable(relay.UNAVAILABLE)
+                if first.is_set():
+                    await asyncio.sleep(RETRY_EVERY_S)
+
+    def _back_in(self) -> float | None:
+        """Seconds until the first down backend should be back, judged by past outages; None if none is known."""
+        now = time.monotonic()
+        known = [back_in for backend in self.backends if (back_in := backend.back_in(now)) is not None]
+        return min(known, default=None)
+
+    async def _place(self, request: PhotoJob) -> Placed | None:
         """Join the best backend that takes the job; None when none did but one may soon (worth another try later).
 
         A backend that is not ready or at fault is marked down and the job goes to the next best one. The visitor
         gets a fault's sentence only once every backend is at fault, and the backend's own refusal of the input
-        (its validator's sentence, the same on every backend) at once.
+        (its validator's sentence, the same on every backend) at once. The photo is read for this try only.
         """
-        busy, faults = False, []
+        busy, faults, photo = False, [], await request.photo.bytes()
         for backend in self.ranked(time.monotonic()):
             try:
-                return backend, await backend.accept(photo, category, gender, headers)
+                return Placed(backend, await backend.accept(photo, request.category, request.gender, request.headers))
             except NotReady as reason:
                 backend.mark_down(str(reason))
             except Fault as fault:  # skip it, probe it later

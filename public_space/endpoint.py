@@ -1,13 +1,16 @@
 """The public app's one endpoint, `predict_api`: one visitor's request, step by step.
 
 1. `check_request`: the inputs (a photo, known choices) and a configured backend;
-2. `visitor_of`: who is asking (visitors.py);
+2. `Callers.visitor_of`: who is asking: an account (signed in, or a token) or an address (visitors.py);
 3. `FairShare.slot`: their fair share, held until the job ends however it ends;
 4. `Files.using`: their own upload, kept on disk meanwhile (files.py);
 5. `PhotoReader.photo`: the photo as the backend takes it, read a few at a time (photos.py);
-6. `Results.predict`: a kept result for a repeat, else the job on the best backend (results.py, backends.py);
-7. `status_lines`: what the visitor sees meanwhile, paced (pacing.py, wording.py), then the pictures, saved where
-   Gradio serves them.
+6. `Results.answer`: a kept result for a repeat (results.py); else
+7. `WaitLine.admit`: the line's promise, a photo that would wait too long refused at once (waiting.py);
+8. `FairShare.spend`: one of their photos for the window;
+9. `Backends.predict`: the job on the best backend, sent again if that one goes away (backends.py);
+10. `status_lines`: what the visitor sees meanwhile, paced (pacing.py, wording.py), then the pictures, saved where
+    Gradio serves them.
 
 A refusal or failure ends the run with its sentence: on the page in the status line (the pictures stay), for any
 other caller as an error (gradio_client's AppError).
@@ -32,13 +35,15 @@ from files import Files
 from front_metrics import FrontMetrics, JobCount, NoMetrics
 from pacing import Pacer, Tail, ticking
 from photos import UPLOAD_AGAIN, PhotoReader, picture_suffix
-from relay import Finished, Running, Unavailable, Update
+from relay import Finished, GpuRefused, Running, Unavailable, Update
 from results import Results
-from visitors import FairShare, visitor_of
+from visitors import ACCOUNT, Callers, FairShare
+from waiting import WaitLine
 from wording import describe, sentence_of
 
 NOT_CONFIGURED = "The service is not configured yet. Please try again later."
 NO_PHOTO = "Please upload a photo first."
+OWN_GPU_QUOTA = "Sign in with Hugging Face for a GPU quota of your own."
 TICK_S = 1.0  # the countdown's step, and how soon a visitor who left is noticed
 
 Outputs = tuple[Any, Any, str]  # overlay, result (as Gradio sends files; or "keep as it is"), status line
@@ -49,12 +54,14 @@ class Relay:
     """What the endpoint works with: the app's parts, each built once by `create_app`."""
 
     pool: Backends | None  # None when no backend is configured
+    callers: Callers
     files: Files
     fair_share: FairShare
     results: Results
     photos: PhotoReader
+    wait_line: WaitLine
     metrics: FrontMetrics | NoMetrics
-    trusted_hops: int
+    sign_in: bool  # the page has "Sign in with Hugging Face"
     tail: Tail = field(default_factory=Tail)  # the front's own time per job after the backend's result
 
 
@@ -69,7 +76,7 @@ def relay_endpoint(relay: Relay) -> Callable[..., AsyncIterator[Outputs]]:
         keep = gr.skip() if on_page else None  # the page keeps its pictures until new ones come
         with relay.metrics.job() as counted:  # counted from here until it ends, however it ends (front_metrics.py)
             try:
-                outputs = run(relay, image, category, gender, request, keep=keep, counted=counted)
+                outputs = run(relay, image, category, gender, request, on_page=on_page, counted=counted)
                 async with contextlib.aclosing(outputs):
                     async for each in outputs:
                         yield each
@@ -91,20 +98,46 @@ async def run(
     gender: str,
     request: gr.Request,
     *,
-    keep: Any,
+    on_page: bool,
     counted: JobCount,
 ) -> AsyncIterator[Outputs]:
     """The request's steps (see the module's docstring)."""
     pool = check_request(relay.pool, image, category, gender)
-    visitor = visitor_of(request, relay.trusted_hops)
-    with relay.fair_share.slot(visitor), relay.files.using(image["path"], visitor) as upload:
+    visitor = await relay.callers.visitor_of(request)
+    with relay.fair_share.slot(visitor, on_page=on_page), relay.files.using(image["path"], visitor) as upload:
         if upload is None:
             raise gr.Error(relay.files.refusal(visitor) or UPLOAD_AGAIN, print_exception=False)
         photo = await relay.photos.photo(upload)
-        ip_token = request.headers.get("x-ip-token")  # this visitor's ZeroGPU quota, forwarded on their job only
-        updates = relay.results.predict(pool, photo, category, gender, visitor, ip_token=ip_token)
-        async for outputs in status_lines(updates, relay, keep=keep, counted=counted):
-            yield outputs
+        key = relay.results.key(photo.digest, category, gender, visitor)
+        if (kept := await relay.results.answer(pool, key)) is None:
+            relay.wait_line.admit()
+        relay.fair_share.spend(visitor, on_page=on_page)
+        if kept is not None:
+            updates = one(kept)
+        else:
+            job = pool.predict(photo, category, gender, headers=forwarded(request))
+            updates = relay.results.keeping(key, job)
+        try:
+            async for outputs in status_lines(updates, relay, keep=gr.skip() if on_page else None, counted=counted):
+                yield outputs
+        except GpuRefused as refused:  # ZeroGPU's own words; on the page, with how an anonymous visitor gets more
+            if on_page and relay.sign_in and not visitor.startswith(ACCOUNT):
+                raise GpuRefused(f"{refused} {OWN_GPU_QUOTA}") from None
+            raise
+
+
+async def one(update: Update) -> AsyncIterator[Update]:
+    yield update
+
+
+def forwarded(request: gr.Request) -> dict[str, str]:
+    """The visitor's own headers that go with their job, and no one else's: their ZeroGPU token (ZeroGPU charges
+    and ranks the GPU work by it), and whether they use the page (ZeroGPU words its refusals for a page or an API
+    caller by it)."""
+    headers = {name: value for name in ("x-ip-token",) if (value := request.headers.get(name))}
+    if request.headers.get("x-gradio-user") == "app":
+        headers["x-gradio-user"] = "app"
+    return headers
 
 
 def check_request(pool: Backends | None, image: dict[str, Any] | None, category: str, gender: str) -> Backends:

@@ -38,7 +38,7 @@ from gradio.processing_utils import save_bytes_to_cache
 from starlette.requests import Request
 
 from guard import Message, Receive, Scope, Send
-from visitors import visitor_of
+from visitors import Callers
 
 UPLOAD = "/gradio_api/upload"
 FILE = "/gradio_api/file="
@@ -231,13 +231,14 @@ class FilesMiddleware:
     """ASGI middleware (inside the guard): notes each upload (refusing a visitor's surplus with a sentence) and each
     file served, and serves the example photo.
 
-    An upload is its visitor's as `visitor_of` names them from the upload request: the address, or the Hugging
+    An upload is its visitor's as `Callers.visitor_of` names them from the upload request: the address, or the Hugging
     Face user when signed in (Gradio's OAuth session middleware runs outside this one, so the session is there).
     """
 
-    def __init__(self, app: object, *, files: Files, example: bytes) -> None:
+    def __init__(self, app: object, *, files: Files, callers: Callers, example: bytes) -> None:
         self.app = app
         self.files = files
+        self.callers = callers
         self.example = example
         self.sweeper: asyncio.Task[None] | None = None
 
@@ -278,7 +279,7 @@ class FilesMiddleware:
             body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
             with contextlib.suppress(ValueError):
                 paths = [p for p in json.loads(body) if isinstance(p, str)]
-                visitor = visitor_of(Request(scope), self.files.trusted_hops)
+                visitor = await self.callers.visitor_of(Request(scope))
                 refusal = self.files.uploaded(paths, visitor)
                 if refusal and not _from_gradio_client(scope):
                     await _send(send, 429, refusal.encode(), b"text/plain; charset=utf-8", b"no-store")

@@ -19,11 +19,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from backends import Backends
-from relay import Busy, InputRefused, Lost
+from relay import Busy, GpuRefused, InputRefused, Lost, RepeatCrash
 from visitors import TurnedAway
+from waiting import LineTooLong
 
 OUTCOMES = ("done", "failed", "cancelled", "lost")
-REFUSALS = ("fair_share", "rate", "bad_input", "queue_full")
+REFUSALS = ("fair_share", "rate", "bad_input", "queue_full", "long_wait", "repeat_crash", "gpu_quota")
 SECONDS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
@@ -135,6 +136,12 @@ def outcome_of(error: BaseException | None) -> tuple[str, str]:
         return ("refused", "bad_input")
     if isinstance(error, Busy):
         return ("refused", "queue_full")
+    if isinstance(error, LineTooLong):
+        return ("refused", "long_wait")
+    if isinstance(error, RepeatCrash):
+        return ("refused", "repeat_crash")
+    if isinstance(error, GpuRefused):
+        return ("refused", "gpu_quota")
     if isinstance(error, InputRefused):
         return ("refused", "bad_input")
     if isinstance(error, Lost):
@@ -152,13 +159,18 @@ class _PoolCollector:
         up = GaugeMetricFamily("backdrop_backend_up", "1 while the backend takes jobs.", labels=["backend"])
         sent = CounterMetricFamily("backdrop_backend_jobs_sent", "Jobs that joined its queue.", labels=["backend"])
         moved = CounterMetricFamily(
-            "backdrop_backend_jobs_moved", "Jobs sent to it that went to another after it failed.", labels=["backend"]
+            "backdrop_backend_jobs_moved", "Jobs it had that were sent again when it went away.", labels=["backend"]
         )
+        resent = CounterMetricFamily(
+            "backdrop_jobs_resent", "Jobs sent again when their backend went away, by what they did.", labels=["after"]
+        )
+        resent.add_metric(["waiting"], self.pool.resends.waiting)
+        resent.add_metric(["running"], self.pool.resends.running)
         for backend in self.pool.backends:
             up.add_metric([backend.label], 0.0 if backend.down else 1.0)
             sent.add_metric([backend.label], backend.sent)
             moved.add_metric([backend.label], backend.moved)
-        yield from (up, sent, moved)
+        yield from (up, sent, moved, resent)
 
     def describe(self) -> Iterator[Any]:
         return iter(())

@@ -18,7 +18,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from relay import Queued, Running, Update, Waking
+from relay import Queued, Restarting, Running, Update, Waking
 
 TAIL_WEIGHT = 0.2  # the weight of the latest job in the mean of the front's own time per job
 
@@ -72,7 +72,7 @@ class Pacer:
     def repeats(self, line: str) -> bool:
         """True when `line` need not be sent: it is the line sent last, and no countdown or queue place hangs on
         it (a visitor who leaves the queue is noticed at the next line sent, so a waiting one gets one a tick)."""
-        if line == self._line and not isinstance(self.latest, Queued | Waking):
+        if line == self._line and not isinstance(self.latest, Queued | Waking | Restarting):
             return True
         self._line = line
         return False

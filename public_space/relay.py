@@ -35,7 +35,12 @@ BUILD_HEADER = "x-backdrop-build"  # the private app's build id, on each of its 
 BUSY = "The service is busy, please try again in a minute."
 UNAVAILABLE = "The image service is not reachable right now. Please try again in a few minutes."
 LOST = "The image service stopped while working on your photo. Please try again."
+REPEAT_CRASH = (
+    "The image service stopped twice while working on this photo, so it is not sent a third time. "
+    "Please try another photo."
+)
 FAILED = "Something went wrong while processing your photo. Please try again."
+ZERO_GPU = "ZeroGPU"  # the title of every refusal the `spaces` package raises for the platform ("ZeroGPU quota …")
 
 
 class RelayError(Exception):
@@ -62,6 +67,17 @@ class Lost(RelayError):
 
     def __init__(self) -> None:
         super().__init__(LOST)
+
+
+class RepeatCrash(RelayError):
+    """The job was running on a backend that went away, twice: a photo that stops backends is not sent again."""
+
+    def __init__(self) -> None:
+        super().__init__(REPEAT_CRASH)
+
+
+class GpuRefused(RelayError):
+    """The platform refused the GPU for the job (ZeroGPU's quota, limit or queue), in ZeroGPU's own words."""
 
 
 class Unavailable(RelayError):
@@ -100,6 +116,15 @@ class Waking:
 
 
 @dataclass(frozen=True)
+class Restarting:
+    """The backend that had the job went away; the job is sent again once a backend takes it. `back_in`: seconds
+    until it should be back, as of `received` (None: no restart seen yet to judge by)."""
+
+    back_in: float | None
+    received: float
+
+
+@dataclass(frozen=True)
 class Queued:
     rank: int  # 0 = next in line
     eta: float | None  # seconds until this job should finish, as of `received`
@@ -129,7 +154,7 @@ class Finished:
     build: str | None = None  # the build id of the backend that made it (its stream's BUILD_HEADER), if it said
 
 
-Update = Waking | Queued | Running | Finished
+Update = Waking | Restarting | Queued | Running | Finished
 
 
 @dataclass(frozen=True)
@@ -308,5 +333,7 @@ def update_of(message: dict) -> Update | None:
             data = data[0]
         if message.get("success") and len(data) == 4:
             return Finished(*data)
+        if str(output.get("title") or "").startswith(ZERO_GPU):  # the platform's words for the visitor: no secret
+            raise GpuRefused(output.get("error") or FAILED)
         raise JobFailed(output.get("error") or FAILED)  # a gr.Error's sentence from the backend, as it is
     return None  # heartbeat, log, process_generating, close_stream

@@ -20,13 +20,13 @@ rate, but takes no place in the GPU queue.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
 from backends import Backends
-from photos import Photo
 from relay import Finished, Update
 
 EVERYONE = "everyone"  # the scope of the example photo's results
@@ -50,21 +50,21 @@ class Results:
         """What a result is kept under: the photo's digest, the choices, and whose it is (see the docstring)."""
         return digest, category, gender, EVERYONE if digest == self.example else visitor
 
-    async def predict(
-        self, pool: Backends, photo: Photo, category: str, gender: str, visitor: str, **kwargs: str | None
-    ) -> AsyncIterator[Update]:
-        """`pool.predict(photo, category, gender, **kwargs)`, or the kept result when there is one for a build that
-        a backend up now has; a new result is kept on its way to the visitor."""
-        key = self.key(photo.digest, category, gender, visitor)
-        if (kept := self.kept.get(key)) is not None and kept.build in await builds_now(pool):
-            if key in self.kept:  # (others may have pushed it out meanwhile)
-                self.kept.move_to_end(key)
-            yield dataclasses.replace(kept, status=AGAIN)
-            return
-        async for update in pool.predict(await photo.bytes(), category, gender, **kwargs):
-            if isinstance(update, Finished):
-                self.keep(key, update)
-            yield update
+    async def answer(self, pool: Backends, key: ResultKey) -> Finished | None:
+        """The kept result for `key`, if a backend that is up now says it has the build that made it."""
+        if (kept := self.kept.get(key)) is None or kept.build not in await builds_now(pool):
+            return None
+        if key in self.kept:  # (others may have pushed it out meanwhile)
+            self.kept.move_to_end(key)
+        return dataclasses.replace(kept, status=AGAIN)
+
+    async def keeping(self, key: ResultKey, updates: AsyncIterator[Update]) -> AsyncIterator[Update]:
+        """`updates` as they come, the result kept under `key` on its way to the visitor."""
+        async with contextlib.aclosing(updates):
+            async for update in updates:
+                if isinstance(update, Finished):
+                    self.keep(key, update)
+                yield update
 
     def keep(self, key: ResultKey, finished: Finished) -> None:
         """Keep `finished` (without the photo it echoes) under `key`, if it says its build; evict to the bounds."""

@@ -1,62 +1,96 @@
-"""The wait before you run: how long the line is now, as a read-only JSON route the page polls from the browser.
+"""The wait before you run, and the line's promise: how long the line is now, and no photo admitted past it.
 
 The figure comes from what the front already knows of its backends (the jobs it has out to each, and when each
 backend said they would finish: `Backends.ranked`, `Figures.expected_finish`), so no viewer costs a backend call.
-It is a plain GET served by this middleware, not a Gradio event, so it can run nothing (invariant 2), and it
-carries counts and seconds only, never a visitor's data.
+With `max_wait_s`, a new photo that would be done later than that is refused at once (`WaitLine.admit`), before
+it is sent, and the page says the line is closed for now. The page reads the figure from a plain GET served by
+this middleware, not a Gradio event, so it can run nothing (invariant 2); it carries counts and seconds only.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+from starlette.responses import JSONResponse
 
 from backends import Backends
-from guard import Receive, Scope, Send
+from guard import Receive, Scope, Send, route_path
+from relay import RelayError
 
 WAIT_ROUTE = "/backdrop/wait"
-POLL_S = 5  # how often an open page asks again
+POLL_S = 5  # how often an open page asks again (and at once whenever its own status line changes)
 NO_WAIT = "No wait right now"
 
 
-def line_now(pool: Backends | None, about: Callable[[float], str]) -> dict[str, object]:
-    """{"ahead": photos sent and not finished, "seconds": until a photo sent now would be done or None, "text"}."""
-    if pool is None:
-        return {"ahead": 0, "seconds": None, "text": ""}
-    ahead = sum(len(one.figures.jobs) for one in pool.backends)
-    if not ahead:
-        return {"ahead": 0, "seconds": 0, "text": NO_WAIT}
-    now = time.monotonic()
-    known = [one.figures.gap for one in pool.backends if one.figures.gap]
-    best = pool.ranked(now)[0]
-    seconds = round(best.figures.expected_finish(now, min(known)), 1) if known else None
-    photos = "1 photo ahead" if ahead == 1 else f"{ahead} photos ahead"
-    return {"ahead": ahead, "seconds": seconds, "text": photos if seconds is None else f"{photos} · {about(seconds)}"}
+class LineTooLong(RelayError):
+    """A new photo would wait longer than the line promises (MAX_WAIT_S)."""
 
 
-class WaitMiddleware:
-    """ASGI middleware (inside the guard) answering GET `WAIT_ROUTE` with `line_now`; everything else passes."""
+class WaitLine:
+    """The line as a visitor sees it before they run."""
 
-    def __init__(self, app: object, *, figure: Callable[[], dict[str, object]]) -> None:
+    def __init__(self, pool: Backends | None, *, max_wait_s: float, about: Callable[[float], str]) -> None:
+        self.pool = pool
+        self.max_wait_s = max_wait_s  # 0: no promise
+        self.about = about
+
+    def seconds(self) -> float | None:
+        """Seconds until a photo sent now would be done (0 with nothing out; None before any figure is known)."""
+        if self.pool is None or not any(one.figures.jobs for one in self.pool.backends):
+            return 0.0
+        now = time.monotonic()
+        known = [one.figures.gap for one in self.pool.backends if one.figures.gap]
+        return round(self.pool.ranked(now)[0].figures.expected_finish(now, min(known)), 1) if known else None
+
+    def closed(self, seconds: float | None) -> bool:
+        return bool(self.max_wait_s) and seconds is not None and seconds > self.max_wait_s
+
+    def admit(self) -> None:
+        """Refuse a new photo (LineTooLong, with the wait in its sentence) while the line is longer than promised."""
+        if self.closed(seconds := self.seconds()):
+            raise LineTooLong(
+                f"The line is too long right now: a photo sent now would be done in {self.about(seconds)}, and "
+                f"this Space lets no one wait more than {self.about(self.max_wait_s).removeprefix('about ')}. "
+                "Please try again in a few minutes."
+            )
+
+    def figure(self) -> dict[str, object]:
+        """{"ahead": photos sent and not finished, "seconds": until a photo sent now would be done or None,
+        "closed": whether a new photo is refused now, "text": the line the page shows}."""
+        if self.pool is None:
+            return {"ahead": 0, "seconds": None, "closed": False, "text": ""}
+        ahead, seconds = sum(len(one.figures.jobs) for one in self.pool.backends), self.seconds()
+        if self.closed(seconds):
+            text = f"The line is closed for now: a photo sent now would be done in {self.about(seconds)}"
+        elif not ahead:
+            text = NO_WAIT
+        else:
+            photos = "1 photo ahead" if ahead == 1 else f"{ahead} photos ahead"
+            text = photos if seconds is None else f"{photos} · {self.about(seconds)}"
+        return {"ahead": ahead, "seconds": seconds, "closed": self.closed(seconds), "text": text}
+
+
+class ReadOnlyRoutes:
+    """ASGI middleware (inside the guard) answering the page's read-only GETs, each a function of the request's
+    scope that returns JSON; everything else passes. They run nothing and tell a page only what it may know."""
+
+    def __init__(self, app: object, *, routes: dict[str, Callable[[Scope], object]]) -> None:
         self.app = app
-        self.figure = figure
+        self.routes = routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        root = scope.get("root_path", "") if scope["type"] == "http" else ""
-        path = scope.get("path", "")
-        path = path[len(root) :] if root and path.startswith(root) else path
-        if scope["type"] != "http" or scope["method"] != "GET" or path != WAIT_ROUTE:
+        answer = self.routes.get(route_path(scope)) if scope["type"] == "http" and scope["method"] == "GET" else None
+        if answer is None:
             await self.app(scope, receive, send)
             return
-        body = json.dumps(self.figure()).encode()
-        headers = [(b"content-type", b"application/json"), (b"cache-control", b"no-store")]
-        await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await JSONResponse(answer(scope), headers={"cache-control": "no-store"})(scope, receive, send)
 
 
-def poll_js(elem_id: str) -> str:
-    """Browser-only: show the figure in `#elem_id` now and every POLL_S while the page is visible."""
+def poll_js(elem_id: str, status_id: str, under_way: Sequence[str]) -> str:
+    """Browser-only: show the figure in `#elem_id` now, every POLL_S while the page is visible, and at once when
+    the visitor's own status line (`#status_id`) says their job is over (it begins with none of `under_way`)."""
     return f"""() => {{
         const show = async () => {{
             if (document.hidden) return;
@@ -69,4 +103,14 @@ def poll_js(elem_id: str) -> str:
         show();
         setInterval(show, {POLL_S * 1000});
         document.addEventListener("visibilitychange", show);
+        const underWay = {json.dumps(list(under_way))};
+        const status = document.querySelector("#{status_id}");
+        let said = "";
+        const ended = () => {{
+            const line = status.innerText.trim();
+            if (line !== said && line && !underWay.some((start) => line.startsWith(start))) show();
+            said = line;
+        }};
+        const watched = {{subtree: true, childList: true, characterData: true}};
+        if (status) new MutationObserver(ended).observe(status, watched);
     }}"""

@@ -6,10 +6,14 @@ import logging
 
 import gradio as gr
 
-from relay import FAILED, Queued, RelayError, Running, Update, Waking
+from relay import FAILED, Queued, RelayError, Restarting, Running, Update, Waking
 from visitors import TurnedAway
 
 logger = logging.getLogger("backdrop")
+
+
+# How a status line begins while the job is not over (describe): any other line ends it.
+UNDER_WAY = ("Sending your photo", "Waking up", "The image service is restarting", "You are ", "Working on your photo")
 
 
 def ordinal(n: int) -> str:
@@ -37,6 +41,10 @@ def describe(update: Update | None, now: float, tail: float = 0.0) -> str:
         return "Sending your photo…"
     if isinstance(update, Waking):
         return "Waking up the GPU… this can take a minute."
+    if isinstance(update, Restarting):  # the job waited or ran on a backend that went away: it is sent again
+        left = None if update.back_in is None else update.back_in - (now - update.received)
+        back = f"back in {about(left)}" if left is not None and left >= 0.5 else "sent again as soon as it is back"
+        return f"The image service is restarting · your photo is kept · {back}"
     if isinstance(update, Queued):
         place = "next in line" if update.rank == 0 else f"{ordinal(update.rank + 1)} in line"
         wait = "" if update.eta is None else f" · {about(update.eta + tail - (now - update.received))}"

@@ -32,8 +32,8 @@ from standin import StandInPipeline
 
 import backends
 import relay
-from backends import Backends, Figures, Job
-from relay import FAILED, LOST
+from backends import Backends, Figures, SentJob
+from relay import FAILED
 
 API = "/predict_api"
 
@@ -128,8 +128,8 @@ def test_a_backend_answering_an_unexpected_error_is_skipped_and_the_job_done_on_
     assert jobs_run(live) == 1
 
 
-def test_a_backend_closed_mid_run_loses_only_the_job_it_was_running(private_app, public_app):
-    """Both backends busy, one dies: only the job on its GPU is lost; its waiting jobs and the other's are done."""
+def test_a_backend_closed_mid_run_loses_no_job_the_other_takes_them_all(private_app, public_app):
+    """Both backends busy, one dies: its jobs, the one on its GPU included, are sent again and done on the other."""
     other_port = free_port()
     with backend(private_app, 0.2) as (dying_url, dying_standin, dying):
         backends = pool(dying_url, f"http://127.0.0.1:{other_port}/", retry_after=0.2)
@@ -142,13 +142,14 @@ def test_a_backend_closed_mid_run_loses_only_the_job_it_was_running(private_app,
                 wait_until(lambda: not backends.backends[1].down)  # probed in the background: it takes jobs
                 jobs += [submit(front) for _ in range(3)]  # at least the first goes to the idle one
                 wait_until(lambda: other.inside == 1)
-                # The front heard that work began on both GPUs' jobs (so it will not send the dying one's elsewhere).
+                # The front heard that work began on both GPUs' jobs.
                 wait_until(lambda: sum("Painting the backdrop" in latest(job) for job in jobs) == 2)
                 kill(dying)  # its job on the GPU is held
                 other.release_all()
                 outcomes = [outcome(job) for job in jobs]
-    assert sorted(outcomes) == sorted(["Done"] * 5 + [LOST]), outcomes
-    assert jobs_run(other) == 5  # all but the one the dying backend was running
+    assert outcomes == ["Done"] * 6, outcomes
+    assert jobs_run(other) == 6  # its own three, and the three the dying one had: the one on its GPU too
+    assert (backends.resends.running, backends.resends.waiting) == (1, 2)
 
 
 def test_visitors_waiting_for_a_sleeping_space_share_one_hub_lookup_and_one_wake_request(monkeypatch):
@@ -239,8 +240,8 @@ def test_a_backend_whose_jobs_are_past_their_announced_time_still_counts_them():
     stalled, idle, busy = Figures(), Figures(), Figures()
     for figures in (stalled, idle, busy):
         figures.service = 0.5
-    stalled.jobs = {f"s{i}": Job(session=f"s{i}", due=now - 5.0) for i in range(3)}  # held: 5 s overdue
-    busy.jobs = {"b": Job(session="b", due=now + 0.4)}  # one job, on time
+    stalled.jobs = {f"s{i}": SentJob(session=f"s{i}", due=now - 5.0) for i in range(3)}  # held: 5 s overdue
+    busy.jobs = {"b": SentJob(session="b", due=now + 0.4)}  # one job, on time
     assert idle.expected_finish(now, 1.0) == 0.5
     assert busy.expected_finish(now, 1.0) == pytest.approx(0.9)
     assert stalled.expected_finish(now, 1.0) == 2.0  # one gap for each of its three jobs and one for the new one

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
@@ -11,7 +13,7 @@ from gradio_client import handle_file
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
-from visitors import SHARED_ADDRESS, FairShare, visitor_of
+from visitors import Callers, FairShare, Share, TurnedAway, address_of
 
 API = "/predict_api"
 
@@ -21,6 +23,11 @@ def request(*forwarded_for: str, peer: str = "10.1.2.3", username: str | None = 
     headers = Headers(raw=[(b"x-forwarded-for", value.encode()) for value in forwarded_for])
     raw = SimpleNamespace(scope={"session": session} if session else {})
     return SimpleNamespace(client=SimpleNamespace(host=peer), headers=headers, username=username, request=raw)
+
+
+def visitor_of(request, trusted_hops: int) -> str:
+    """Who the app names for `request`, with no Hub to ask about tokens (tests/test_accounts.py asks one)."""
+    return asyncio.run(Callers(trusted_hops).visitor_of(request))
 
 
 def test_the_address_is_the_one_the_last_trusted_proxy_appended():
@@ -33,6 +40,7 @@ def test_the_address_is_the_one_the_last_trusted_proxy_appended():
     assert visitor_of(request(), 1) == "address 10.1.2.3"  # no proxy in front after all: the peer, not nothing
     assert visitor_of(request("198.51.100.7"), 2) == "address 10.1.2.3"
     assert visitor_of(request("198.51.100.8"), 1) != visitor_of(request("198.51.100.7"), 1)
+    assert address_of(request("198.51.100.7"), 0) == "address 10.1.2.3"  # believing none is the default
 
 
 def test_an_ipv6_client_is_one_visitor_per_64_and_a_user_is_one_visitor_anywhere():
@@ -53,27 +61,99 @@ def test_an_upload_request_names_its_visitor_as_the_endpoint_does():
     assert visitor_of(Request({**scope, "session": oauth}), 1) == "user grace"
 
 
+class Visits:
+    """Slots a test holds in a FairShare, as the endpoint holds them: `take` admits one and spends a photo."""
+
+    def __init__(self, share: FairShare) -> None:
+        self.share, self.held = share, contextlib.ExitStack()
+
+    def take(self, who: str, *, on_page: bool = True) -> str | None:
+        """None when admitted (the slot stays held until `release`), else the refusal's sentence."""
+        try:
+            self.held.enter_context(self.share.slot(who, on_page=on_page))
+        except TurnedAway as refusal:
+            return str(refusal)
+        try:
+            self.share.spend(who, on_page=on_page)
+        except TurnedAway as refusal:
+            self.share.release(who)
+            return str(refusal)
+        return None
+
+
 def test_jobs_and_rate_per_visitor_with_sentences_and_no_lasting_state(rate_clock):
-    share = FairShare(max_jobs=2, rate="3/2 second")
-    assert share.admit("a") is None
-    assert share.admit("a") is None
-    assert share.admit("a") == "You already have 2 photos in line. Please wait until one is done."
-    assert share.admit("b") is None  # another visitor is not touched
+    share = FairShare(address=Share(2, "3/2 second"), account=Share(2, "3/2 second"))
+    visits = Visits(share)
+    assert visits.take("a") is None
+    assert visits.take("a") is None
+    assert visits.take("a") == "You already have 2 photos in line. Please wait until one is done."
+    assert visits.take("b") is None  # another visitor is not touched
     share.release("a")
-    assert share.admit("a") is None  # the third of the window
+    assert visits.take("a") is None  # the third of the window
     share.release("a")
     share.release("a")
-    refusal = share.admit("a")
+    refusal = visits.take("a")
     assert refusal is not None
     assert refusal.startswith("You have sent too many photos in the last 2 seconds. Please try again in ")
     share.release("b")
     assert share.jobs == {}  # a visitor without a job leaves nothing behind
     rate_clock.now += 4.2  # the sliding window counts the previous window too
-    assert share.admit("a") is None
+    assert visits.take("a") is None
     share.release("a")
     rate_clock.now += 4.2
-    share.admit("c")  # the storage expires old windows when it is next written to (on its own timer thread)
+    visits.take("c")  # the storage expires old windows when it is next written to (on its own timer thread)
     wait_until(lambda: [key for key in share.limiter.storage.storage if "/a/" in key] == [], what="a's windows gone")
+
+
+def test_an_account_has_a_share_of_its_own_size(rate_clock):
+    share = FairShare(address=Share(1, "2/minute"), account=Share(3, "5/minute"))
+    visits = Visits(share)
+    assert [visits.take("address 198.51.100.7") for _ in range(2)][1].startswith("You already have 1 photo")
+    assert [visits.take("user ada") for _ in range(4)] == [
+        None,
+        None,
+        None,
+        "You already have 3 photos in line. Please wait until one is done.",
+    ]
+    for _ in range(3):
+        share.release("user ada")
+    assert [visits.take("user ada") for _ in range(2)] == [None, None]  # five in the window: the account's rate
+    share.release("user ada")
+    share.release("user ada")
+    assert visits.take("user ada").startswith("You have sent too many photos in the last minute.")
+    assert Share(3, "5/minute").words() == "3 photos at once and 5 a minute"
+    assert Share(0, "20/hour").words() == "20 photos an hour"
+    assert Share(1, "10/5 minutes").words() == "1 photo at once and 10 every 5 minutes"
+
+
+def test_a_photo_refused_before_it_is_served_spends_nothing_of_the_rate(rate_clock):
+    share = FairShare(address=Share(0, "1/minute"), account=Share(0, ""))
+    with share.slot("a", on_page=True):
+        pass  # admitted, then refused before it was served (the line too long, say): no spend
+    assert Visits(share).take("a") is None
+    assert Visits(share).take("a").startswith("You have sent too many photos")
+
+
+def test_a_refusal_of_an_addresss_share_says_what_an_account_gives_and_how(rate_clock):
+    share = FairShare(address=Share(1, "2/minute"), account=Share(1, "2/minute"), sign_in=True)
+    own = "for a share of your own (1 photo at once and 2 a minute)."
+    for who in ("address 198.51.100.7", "user ada"):
+        visits = Visits(share)
+        assert visits.take(who) is None
+        busy = visits.take(who)
+        share.release(who)
+        assert visits.take(who) is None
+        share.release(who)
+        too_many = visits.take(who)
+        assert busy.startswith("You already have 1 photo in line.")
+        assert too_many.startswith("You have sent too many photos in the last minute.")
+        for refusal in (busy, too_many):
+            assert refusal.endswith(f"sign in with Hugging Face {own}") is who.startswith("address"), refusal
+    api = Visits(share).take("address 198.51.100.7", on_page=False)  # a Python caller: how, with a token
+    assert api.endswith(f"call with your Hugging Face token (Client(..., token=...)) {own}")
+    plain = Visits(FairShare(address=Share(1, ""), account=Share(1, ""), sign_in=False))  # no button: no advice
+    plain.take("address 198.51.100.7")
+    assert plain.take("address 198.51.100.7") == "You already have 1 photo in line. Please wait until one is done."
 
 
 def test_a_flooder_gets_two_places_and_the_next_visitor_is_at_most_third(private_app, public_app):
@@ -94,7 +174,15 @@ def test_a_flooder_gets_two_places_and_the_next_visitor_is_at_most_third(private
             assert job.result(timeout=60)[2].startswith("Done in ")
         accepted = [job for job in jobs if not job.done() or job.exception() is None]
         assert [job.result(timeout=60)[2][:8] for job in accepted] == ["Done in "] * 2
-    assert refused == ["You already have 2 photos in line. Please wait until one is done."] * 6
+    busy = "You already have 2 photos in line. Please wait until one is done. Everyone at your address shares this"
+    assert [line[: len(busy)] for line in refused] == [busy] * 6
+    assert all(
+        line.endswith(
+            "call with your Hugging Face token (Client(..., token=...)) for a share of your own "
+            "(2 photos at once and 12 a minute)."
+        )
+        for line in refused
+    ), refused
     places = [line for job in later for line in statuses(job) if " in line" in line]
     assert places
     at_most_third = ("You are next in line", "You are 2nd in line", "You are 3rd in line")
@@ -124,26 +212,6 @@ def test_a_cancelled_job_gives_its_slot_back(private_app, public_app):
         s.standin.release_all()
         assert again.result(timeout=60)[2].startswith("Done in ")  # not "You already have 1 photo in line"
         assert blocker.result(timeout=60)[2].startswith("Done in ")
-
-
-def test_a_refusal_of_an_addresss_share_says_that_signing_in_gives_ones_own(rate_clock):
-    share = FairShare(max_jobs=1, rate="2/minute", sign_in=True)
-    for who in ("address 198.51.100.7", "user ada"):
-        assert share.admit(who) is None
-        busy = share.admit(who)
-        share.release(who)
-        assert share.admit(who) is None
-        share.release(who)
-        too_many = share.admit(who)
-        assert busy.startswith("You already have 1 photo in line.")
-        assert too_many.startswith("You have sent too many photos in the last minute.")
-        signed_in = who.startswith("user ")
-        for refusal in (busy, too_many):
-            assert refusal.endswith(SHARED_ADDRESS) is not signed_in, refusal  # a user's share is their own already
-    assert "sign in with Hugging Face for a share of your own" in SHARED_ADDRESS
-    plain = FairShare(max_jobs=1, rate="", sign_in=False)  # no button on the page: no advice to press it
-    plain.admit("address 198.51.100.7")
-    assert plain.admit("address 198.51.100.7") == "You already have 1 photo in line. Please wait until one is done."
 
 
 def test_the_sign_in_button_is_on_the_page_only_with_oauth_and_runs_nothing_on_the_server(

@@ -202,7 +202,8 @@ def _outcome(call, photo):
 
 def test_the_wait_figure_counts_the_photos_out_and_shows_no_one(private_app, public_app):
     with stack(private_app, public_app, service_time=0.2) as s:
-        assert httpx.get(f"{s.front}backdrop/wait").json() == {"ahead": 0, "seconds": 0, "text": "No wait right now"}
+        no_wait = {"ahead": 0, "seconds": 0, "closed": False, "text": "No wait right now"}
+        assert httpx.get(f"{s.front}backdrop/wait").json() == no_wait
         s.standin.hold()
         jobs = [visitor(s.front).submit(handle_file(str(EXAMPLE_PHOTO)), "casual", "male", api_name=API)]
         s.standin.wait_inside(1)
@@ -213,6 +214,6 @@ def test_the_wait_figure_counts_the_photos_out_and_shows_no_one(private_app, pub
         for job in jobs:
             assert job.result(timeout=30)[2].startswith("Done in ")
     assert line.headers["cache-control"] == "no-store"
-    assert set(line.json()) == {"ahead", "seconds", "text"}
+    assert set(line.json()) == {"ahead", "seconds", "closed", "text"}
     assert line.json()["text"].startswith("2 photos ahead · about ")
     assert line.json()["seconds"] > 0

@@ -32,8 +32,9 @@ from PIL import Image
 from standin import StandInPipeline
 
 from backends import Backends
-from relay import BUSY, LOST, UNAVAILABLE
+from relay import BUSY, UNAVAILABLE
 
+RESTARTING = "The image service is restarting · your photo is kept"
 API = "/predict_api"
 
 
@@ -232,27 +233,33 @@ def test_an_unreachable_backend_gives_a_clear_error(public_app):
     assert str(raised.value) == UNAVAILABLE
 
 
-def test_a_backend_dying_mid_job_then_coming_back(private_app, public_app):
+def test_a_running_job_outlives_its_backends_restart_and_the_visitor_is_told_meanwhile(private_app, public_app):
     port = free_port()
-    front_demo = front_app(public_app, Backends.connect([f"http://127.0.0.1:{port}/"], TOKEN, wake_timeout=5))
-    with running(front_demo, public_app.serve) as front:
+    pool_of_one = Backends.connect([f"http://127.0.0.1:{port}/"], TOKEN, wake_timeout=60)  # a bound, not a wait
+    with running(front_app(public_app, pool_of_one), public_app.serve) as front:
         standin = StandInPipeline()
         standin.hold()
         back_demo = private_app.create_app(standin)
         private_app.serve(back_demo, token=TOKEN, warm_up=False, server_name="127.0.0.1", server_port=port, quiet=True)
         job = submit(visitor(front))
         standin.wait_inside(1)
-        kill(back_demo)  # the job is held on the GPU
-        with pytest.raises(AppError) as raised:
-            job.result(timeout=60)
-        assert str(raised.value) == LOST
+        wait_until(lambda: "Painting the backdrop" in latest(job), what="the front to hear that work began")
+        kill(back_demo)  # the job is held on the GPU: a restart under a running job
+        wait_until(lambda: latest(job).startswith(RESTARTING), what=lambda: f"the restart told; last: {latest(job)}")
         standin.release_all()
-        revived = private_app.create_app(StandInPipeline())
-        private_app.serve(revived, token=TOKEN, warm_up=False, server_name="127.0.0.1", server_port=port, quiet=True)
+        revived = StandInPipeline()
+        back_again = private_app.create_app(revived)
+        private_app.serve(back_again, token=TOKEN, warm_up=False, server_name="127.0.0.1", server_port=port, quiet=1)
         try:
-            assert submit(visitor(front)).result(timeout=30)[2].startswith("Done")
+            assert job.result(timeout=60)[2].startswith("Done in ")
         finally:
-            kill(revived)
+            kill(back_again)
+    assert revived.entered == 1  # the new build ran it
+
+
+def latest(job) -> str:
+    outputs = job.outputs()
+    return outputs[-1][2] if outputs else ""
 
 
 def test_missing_configuration_is_said_on_the_page_and_in_the_log(public_app, caplog):
