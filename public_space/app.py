@@ -37,6 +37,7 @@ from front_settings import (
     RESULT_CACHE_ENTRIES,
     RESULT_CACHE_MB,
     TRUSTED_PROXY_HOPS,
+    VISITOR_FILES,
     VISITOR_FILES_MB,
     VISITOR_RATE,
 )
@@ -87,6 +88,7 @@ def create_app(
     keep_files_s: float = KEEP_FILES_S,
     files_quota_mb: float = FILES_QUOTA_MB,
     visitor_files_mb: float = VISITOR_FILES_MB,
+    visitor_files: int = VISITOR_FILES,
     result_cache_entries: int = RESULT_CACHE_ENTRIES,
     result_cache_mb: float = RESULT_CACHE_MB,
     sign_in: bool | None = None,
@@ -110,6 +112,7 @@ def create_app(
             keep_s=keep_files_s,
             quota_bytes=int(files_quota_mb * 2**20),
             visitor_bytes=int(visitor_files_mb * 2**20),
+            visitor_files=visitor_files,
             trusted_hops=trusted_proxy_hops,
             gradio_sets=blocks.temp_file_sets,
         )
