@@ -19,6 +19,7 @@ made for them (each saved with `save_result`, so its path is known from the star
   refused with a sentence and leaves nothing behind, so one client can neither fill the disk nor push other
   visitors' photos out. The page shows the upload's 429 and its sentence; gradio_client, which would show HTTP
   jargon, gets a path that names no file, and the sentence at its run. Neither answer depends on what others keep.
+- What a failed upload leaves in the folder (strays.py) is removed by the next sweep.
 
 Gradio's records of its files (`Blocks.temp_file_sets`) lose each removed file too, or they would keep growing.
 The middleware also serves the example photo, so that no page shows where it lies on the server.
@@ -41,6 +42,7 @@ from pathlib import Path
 from gradio.processing_utils import save_bytes_to_cache
 from starlette.requests import Request
 
+import strays
 from guard import Message, Receive, Scope, Send
 from visitors import visitor_of
 
@@ -88,6 +90,14 @@ class _Share:
     cost: int = 0
 
 
+@dataclass(eq=False)
+class Receipt:
+    """An upload being received (`Files.receiving`)."""
+
+    began: float
+    stored: bool = False  # Gradio stored it all and answered with its paths
+
+
 class Files:
     """This app's uploads and results in Gradio's cache folder: who may use each, and when each was last used.
 
@@ -123,6 +133,9 @@ class Files:
         self.shares: dict[str, _Share] = {}  # visitors with a claim -> their claims
         self.claims: OrderedDict[tuple[str, Path], float] = OrderedDict()  # every claim, the oldest first
         self.refused: dict[str, float] = {}  # visitors refused an upload -> when (forgotten after keep_s)
+        self.receipts: set[Receipt] = set()  # uploads being received now
+        self.strays: dict[Path, float] = {}  # files no one keeps (strays.py) -> when first seen
+        self.look_for_strays = False  # an upload failed: it may have left some
         self.peak_bytes = 0  # the most ever kept at once (benchmarks read it)
         self.clock = time.monotonic  # seconds; tests may set their own
 
@@ -190,6 +203,18 @@ class Files:
             if self.kept.get(inside) is kept:
                 self._claim(visitor, inside, kept, self._lapse())
 
+    @contextlib.contextmanager
+    def receiving(self) -> Iterator[Receipt]:
+        """An upload being received: what Gradio writes for it meanwhile is no stray. One that fails (the client
+        gone, a file name refused) can leave files behind: the next sweep looks for them (strays.py)."""
+        receipt = Receipt(began=self.clock())
+        self.receipts.add(receipt)
+        try:
+            yield receipt
+        finally:
+            self.receipts.discard(receipt)
+            self.look_for_strays |= not receipt.stored
+
     # Results
 
     def save_result(self, data: bytes, name: str) -> Path:
@@ -233,11 +258,26 @@ class Files:
         for path in stale:
             self._drop(path)
 
+    def sweep_strays(self, found: list[Path]) -> None:
+        """Remove the files no one keeps (`strays.unknown`) that no upload being received can be writing: seen
+        before the oldest of those began, or `keep_s` ago."""
+        now = self.clock()
+        oldest = min((receipt.began for receipt in self.receipts), default=math.inf)
+        seen = {path: self.strays.get(path, now) for path in found if path not in self.kept}
+        for path, when in list(seen.items()):
+            if when < oldest or now - when >= self.keep_s:
+                self._remove(path)
+                del seen[path]
+        self.strays = seen
+        self.look_for_strays = bool(seen)
+
     async def sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(min(SWEEP_EVERY_S, max(0.2, self.keep_s / 4)))
             try:
                 self.sweep()
+                if self.look_for_strays:  # listing the folder takes a while: not in the event loop
+                    self.sweep_strays(await asyncio.to_thread(strays.unknown, self.cache_dir, self.kept))
             except Exception as error:  # the next sweep tries again; the log names no file
                 logger.error("Sweeping the kept files failed with %s.", type(error).__name__)
 
@@ -303,13 +343,16 @@ class Files:
         self._remove(path)
 
     def _remove(self, path: Path) -> None:
-        """Delete a file in the cache folder, and first Gradio's records of it (by any
+        """Delete a file (or an empty content folder) in the cache folder, and first Gradio's records of it (by any
         name Gradio gives it)."""
         given = os.path.join(self.given_dir, path.relative_to(self.cache_dir))
         names = {str(path), given, os.path.abspath(given)}
         for records in self.gradio_sets:
             records.difference_update(names)
         with contextlib.suppress(OSError):
+            if path.is_dir():
+                path.rmdir()
+                return
             path.unlink(missing_ok=True)
             if path.parent != self.cache_dir:
                 path.parent.rmdir()  # its content folder, once empty
@@ -368,26 +411,28 @@ class FilesMiddleware:
         async def keep(message: Message) -> None:
             messages.append(message)
 
-        await self.app(scope, receive, keep)
-        start = next((m for m in messages if m["type"] == "http.response.start"), None)
-        if start is None or start["status"] != 200:
-            for message in messages:
-                await send(message)
-            return
-        body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
-        with contextlib.suppress(ValueError):
-            answer = json.loads(body)
-            paths = [p for p in answer if isinstance(p, str)] if isinstance(answer, list) else []
-            visitor = visitor_of(Request(scope), self.files.trusted_hops)
-            refusal = self.files.uploaded(paths, visitor)
-            if refusal and not _from_gradio_client(scope):
-                await _send(send, 429, refusal.encode(), b"text/plain; charset=utf-8", b"no-store")
+        with self.files.receiving() as receipt:
+            await self.app(scope, receive, keep)
+            start = next((m for m in messages if m["type"] == "http.response.start"), None)
+            if start is None or start["status"] != 200:
+                for message in messages:
+                    await send(message)
                 return
-            if refusal:
-                # gradio_client shows an upload's error as HTTP jargon: it gets paths that name nothing (the
-                # same whoever keeps the same photo), and its run the sentence (Files.refusal), as AppError.
-                placeholders = json.dumps([self.files.placeholder(p) for p in paths]).encode()
-                messages = _answer(start, placeholders)
+            body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+            with contextlib.suppress(ValueError):
+                answer = json.loads(body)
+                paths = [p for p in answer if isinstance(p, str)] if isinstance(answer, list) else []
+                visitor = visitor_of(Request(scope), self.files.trusted_hops)
+                refusal = self.files.uploaded(paths, visitor)
+                receipt.stored = True
+                if refusal and not _from_gradio_client(scope):
+                    await _send(send, 429, refusal.encode(), b"text/plain; charset=utf-8", b"no-store")
+                    return
+                if refusal:
+                    # gradio_client shows an upload's error as HTTP jargon: it gets paths that name nothing (the
+                    # same whoever keeps the same photo), and its run the sentence (Files.refusal), as AppError.
+                    placeholders = json.dumps([self.files.placeholder(p) for p in paths]).encode()
+                    messages = _answer(start, placeholders)
         for message in messages:
             await send(message)
 

@@ -1,14 +1,16 @@
 """The front's files as a hostile client sees them: a flood of tiny uploads counted as the disk counts it and held
 to a number of files, refusals that leave nothing and say nothing of what others keep, files served only to whom
-they are for with no request header in their answers."""
+they are for with no request header in their answers, and what a failed upload leaves swept away."""
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import EXAMPLE_PHOTO, Clock, front_app, running, stack
+from conftest import EXAMPLE_PHOTO, Clock, front_app, running, stack, wait_until
 from test_hardening import raw_outputs
 
 KEEP_S = 10  # keep_files_s here: the sweep then runs every 2.5 s (files.py); the files' time is a Clock
@@ -114,3 +116,26 @@ def test_a_file_answer_carries_no_request_header_back(public_app, cache):
         assert "secret" not in str(answer.headers.raw)
         assert answer.headers.get_list("content-type") == ["image/png"]
         assert not {"x-secret-proxy", "cookie", "host", "range", "user-agent"} & set(answer.headers)
+
+
+def test_what_a_failed_upload_leaves_is_swept(public_app, cache):
+    demo = front_app(public_app, None, keep_files_s=KEEP_S)
+    demo.backdrop_files.clock = Clock()
+    with running(demo, public_app.serve) as url, httpx.Client(base_url=url) as raw:
+        kept = Path(upload(raw, ("kept.png", b"a photo that stays")).json()[0])
+        # A file name Gradio refuses after it has stored the first file: the first in its folder, the rest as its
+        # temporary files.
+        assert upload(raw, ("first.png", b"first"), ("..", b"second"), ("third.png", b"third")).status_code == 400
+        # An upload cut off halfway: its temporary file.
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as cut:
+            part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="cut.png"\r\n\r\n' + b"x" * 5000
+            head = b"POST /gradio_api/upload HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+            cut.sendall(head + b"Content-Type: multipart/form-data; boundary=b\r\n\r\n" + part)
+            wait_until(lambda: any(entry.is_file() for entry in cache.iterdir()), what="Gradio's temporary file")
+        wait_until(
+            lambda: {Path(parent, name) for parent, _, names in os.walk(cache) for name in names} == {kept},
+            what=lambda: f"only the kept upload; found {sorted(os.listdir(cache))}",
+        )
+        wait_until(lambda: list(cache.iterdir()) == [kept.parent], what="no folder left empty")
+        assert raw.get(f"gradio_api/file={kept}").status_code == 200
