@@ -14,7 +14,7 @@ from conftest import EXAMPLE_PHOTO, Clock, front_app, running, stack, wait_until
 from test_hardening import raw_outputs
 
 KEEP_S = 10  # keep_files_s here: the sweep then runs every 2.5 s (files.py); the files' time is a Clock
-ONE = {"X-Forwarded-For": "198.51.100.1"}
+ONE = {"X-Forwarded-For": "198.51.100.1"}  # visitors told apart by the address a proxy appends (trusted_proxy_hops)
 OTHER = {"X-Forwarded-For": "198.51.100.2"}
 GRADIO_CLIENT = {"User-Agent": "gradio_client/2.7.2"}  # what gradio_client sends: a refusal is then no 429
 
@@ -39,8 +39,8 @@ def on_disk(cache: Path) -> tuple[set[Path], int]:
 
 
 def test_a_flood_of_tiny_uploads_is_held_to_the_file_bound_and_counted_as_the_disk_counts_it(public_app, cache):
-    demo = front_app(public_app, None, keep_files_s=KEEP_S, visitor_files=5)
-    files = demo.backdrop_files
+    demo = front_app(public_app, None, keep_files_s=KEEP_S, visitor_files=5, trusted_proxy_hops=1)
+    files = demo.files
     files.clock = Clock()
     with running(demo, public_app.serve) as url, httpx.Client(base_url=url, headers=ONE) as raw:
         answers = [upload(raw, (f"tiny-{i}.png", b"%016d" % i)) for i in range(8)]
@@ -65,8 +65,8 @@ def test_a_flood_of_tiny_uploads_is_held_to_the_file_bound_and_counted_as_the_di
 
 
 def test_a_refused_upload_says_nothing_of_what_others_keep(public_app, cache):
-    demo = front_app(public_app, None, keep_files_s=KEEP_S, visitor_files=1)
-    demo.backdrop_files.clock = Clock()
+    demo = front_app(public_app, None, keep_files_s=KEEP_S, visitor_files=1, trusted_proxy_hops=1)
+    demo.files.clock = Clock()
     photo = EXAMPLE_PHOTO.read_bytes()
     with running(demo, public_app.serve) as url:
         one, other = httpx.Client(base_url=url, headers=ONE), httpx.Client(base_url=url, headers=OTHER)
@@ -81,8 +81,8 @@ def test_a_refused_upload_says_nothing_of_what_others_keep(public_app, cache):
 
 
 def test_an_upload_is_served_to_its_visitor_only_and_a_result_to_anyone(private_app, public_app, cache):
-    with stack(private_app, public_app, front={"keep_files_s": KEEP_S}) as s:
-        s.front_demo.backdrop_files.clock = Clock()
+    with stack(private_app, public_app, front={"keep_files_s": KEEP_S, "trusted_proxy_hops": 1}) as s:
+        s.front_app.files.clock = Clock()
         one, other = httpx.Client(base_url=s.front, headers=ONE), httpx.Client(base_url=s.front, headers=OTHER)
         with one, other:
             photo = upload(one, ("photo.png", EXAMPLE_PHOTO.read_bytes())).json()[0]
@@ -120,7 +120,7 @@ def test_a_file_answer_carries_no_request_header_back(public_app, cache):
 
 def test_what_a_failed_upload_leaves_is_swept(public_app, cache):
     demo = front_app(public_app, None, keep_files_s=KEEP_S)
-    demo.backdrop_files.clock = Clock()
+    demo.files.clock = Clock()
     with running(demo, public_app.serve) as url, httpx.Client(base_url=url) as raw:
         kept = Path(upload(raw, ("kept.png", b"a photo that stays")).json()[0])
         # A file name Gradio refuses after it has stored the first file: the first in its folder, the rest as its
