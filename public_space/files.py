@@ -101,8 +101,9 @@ class Receipt:
 class Files:
     """This app's uploads and results in Gradio's cache folder: who may use each, and when each was last used.
 
-    Each step costs the same however many files are kept: every claim is indexed by visitor and in the order it
-    lapses, and claims lapse from the oldest on (`_lapse`) as time passes.
+    An upload, a run or a fetch costs the same however many files are kept: every claim is indexed by visitor
+    and in the order it lapses, and claims lapse from the oldest on (`_lapse`) as time passes. Only the sweeps
+    look further: at the files unused for `keep_s`, and after a failed upload at the whole folder (off the loop).
     """
 
     def __init__(
