@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gradio.processing_utils import save_bytes_to_cache
+from gradio_client.utils import is_http_url_like
 from starlette.requests import Request
 
 import strays
@@ -228,11 +229,14 @@ class Files:
         return path
 
     def servable(self, path: str, visitor: str) -> bool:
-        """Whether a file is served to `visitor`: a result to anyone, an upload to its visitors only (to anyone
-        else it is as missing), and nothing else at all."""
+        """Whether a file is served to `visitor`. In the cache folder: a result to anyone, an upload to its visitors
+        only (to anyone else it is as missing), and nothing else. Elsewhere Gradio's own rules decide (it serves
+        its static files so: the sign-in button's icon), but no URL: Gradio would fetch it for the caller."""
         self._lapse()
         inside = self._inside(path)
-        kept = self.kept.get(inside) if inside is not None else None
+        if inside is None:
+            return not is_http_url_like(path)
+        kept = self.kept.get(inside)
         return kept is not None and (kept.result or visitor in kept.claims)
 
     def fetched(self, path: str) -> None:
@@ -377,7 +381,8 @@ def _block_size(folder: Path) -> int:
 
 class FilesMiddleware:
     """ASGI middleware (inside the guard): notes each upload (refusing a visitor's surplus with a sentence), serves
-    each kept file only to whom it is for, with no header of the request in its answer, and serves the example.
+    each kept file only to whom it is for, with no header of the request in any file's answer, and serves the
+    example.
 
     An upload is its visitor's as `visitor_of` names them from the upload request: the address, or the Hugging
     Face user when signed in (Gradio's OAuth session middleware runs outside this one, so the session is there).
