@@ -43,6 +43,7 @@ from front_settings import (
     RESULT_CACHE_ENTRIES,
     RESULT_CACHE_MB,
     TRUSTED_PROXY_HOPS,
+    VISITOR_FILES,
     VISITOR_FILES_MB,
     VISITOR_RATE,
 )
@@ -107,6 +108,7 @@ def create_app(
     keep_files_s: float = KEEP_FILES_S,
     files_quota_mb: float = FILES_QUOTA_MB,
     visitor_files_mb: float = VISITOR_FILES_MB,
+    visitor_files: int = VISITOR_FILES,
     result_cache_entries: int = RESULT_CACHE_ENTRIES,
     result_cache_mb: float = RESULT_CACHE_MB,
     sign_in: bool | None = None,
@@ -132,7 +134,7 @@ def create_app(
             keep_s=keep_files_s,
             quota_bytes=int(files_quota_mb * 2**20),
             visitor_bytes=int(visitor_files_mb * 2**20),
-            trusted_hops=trusted_proxy_hops,
+            visitor_files=visitor_files,
             gradio_sets=blocks.temp_file_sets,
         )
         metrics = FrontMetrics(pool, kept_bytes=lambda: files.kept_bytes) if metrics_token else None

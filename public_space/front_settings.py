@@ -74,10 +74,19 @@ KEEP_FILES_S = SETTINGS.number(
     "an upload stays this long after its visitor's last run on it, a result after its last fetch",
 )
 FILES_QUOTA_MB = SETTINGS.number(
-    "FILES_QUOTA_MB", 2048, "all kept uploads and results together; past it the least recently used go first"
+    "FILES_QUOTA_MB",
+    2048,
+    "all kept uploads and results together, each counted as the disk counts it (whole blocks, at least one, and "
+    "one for its folder); past it the least recently used go first",
 )
 VISITOR_FILES_MB = SETTINGS.number(
     "VISITOR_FILES_MB", 100, "one visitor's kept uploads; an upload past it is refused with a sentence"
+)
+VISITOR_FILES = SETTINGS.count(
+    "VISITOR_FILES",
+    50,
+    "and at most this many of their uploads, however small: a flood of tiny files is refused like a large one "
+    "(`0`: no bound on the number)",
 )
 RESULT_CACHE_ENTRIES = SETTINGS.count(
     "RESULT_CACHE_ENTRIES", 256, "finished results kept to answer a repeated request without the GPU (`0`: none)"

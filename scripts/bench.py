@@ -114,7 +114,8 @@ def start_front(back: str, token: str, front_env: dict[str, str] | None = None) 
     url = f"http://127.0.0.1:{port}/"
     env = {**QUIET, "BACKEND": back, "HF_TOKEN": token, "GRADIO_SERVER_PORT": str(port)}
     # Every caller here is one visitor, 127.0.0.1, and each sends the same photo: no fair share, no result cache.
-    env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": "", "RESULT_CACHE_ENTRIES": "0"}
+    # (Some send photos of their own: no bound on one visitor's number of uploads either.)
+    env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": "", "RESULT_CACHE_ENTRIES": "0", "VISITOR_FILES": "0"}
     command = [sys.executable, str(ROOT / "public_space" / "app.py")]
     return url, start(command, env | (front_env or {}), url, FRONT_CORES)
 
@@ -314,6 +315,7 @@ MODES: dict[str, str] = {
     "etas": "bench_etas",  # the first wait each visitor is told against their result: stand-in and full size
     "front": "bench_front",  # the public front's CPU per request beside a plain Gradio app, and its maximum rate
     "counting": "bench_counting",  # the relay's added latency with the front counting (METRICS_TOKEN) and without
+    "files": "bench_files",  # a flood of tiny uploads: files on disk against what is counted; bookkeeping per upload
 }
 
 

@@ -22,12 +22,24 @@ ONE = "198.51.100.1"
 OTHER = "198.51.100.2"
 
 
-def files_in(tmp_path: Path, *, keep_s: float = 600, quota: int = 10**9, per_visitor: int = 10**9) -> Files:
+def files_in(
+    tmp_path: Path, *, keep_s: float = 600, quota: int = 10**9, per_visitor: int = 10**9, per_visitor_files: int = 0
+) -> Files:
     files = Files(
-        tmp_path, keep_s=keep_s, quota_bytes=quota, visitor_bytes=per_visitor, trusted_hops=1, gradio_sets=[]
+        tmp_path,
+        keep_s=keep_s,
+        quota_bytes=quota,
+        visitor_bytes=per_visitor,
+        visitor_files=per_visitor_files,
+        gradio_sets=[],
     )
     files.clock = Clock()
     return files
+
+
+def cost(files: Files, size: int = 100) -> int:
+    """What a file of `size` bytes counts (two blocks for the small files below: its own, and its folder's)."""
+    return (max(1, -(-size // files.block)) + 1) * files.block
 
 
 def upload(tmp_path: Path, name: str, size: int = 100) -> str:
@@ -59,7 +71,7 @@ def test_a_run_renews_its_visitors_claim_and_only_theirs(tmp_path):
 
 
 def test_past_the_quota_the_least_recently_used_go_first_and_files_in_use_never(tmp_path):
-    files = files_in(tmp_path, quota=300)
+    files = files_in(tmp_path, quota=3 * cost(files_in(tmp_path)))  # three of the files below
     a, b, c = (upload(tmp_path, name) for name in "abc")
     for photo in (a, b, c):
         files.clock.now += 1
@@ -80,13 +92,13 @@ def test_past_the_quota_the_least_recently_used_go_first_and_files_in_use_never(
         files.clock.now += 1
         files.uploaded([upload(tmp_path, name)], f"visitor {name}")
     assert result.exists()
-    assert files.kept_bytes <= 300 + 100  # past the quota only by what is in use
+    assert files.kept_bytes <= files.quota_bytes + cost(files)  # past the quota only by what is in use
     files.fetched(str(result))  # fetched: used now, and no longer in use
     for name in "ijk":
         files.clock.now += 1
         files.uploaded([upload(tmp_path, name)], f"visitor {name}")
     assert not result.exists()  # the least recently used in its turn
-    assert files.kept_bytes <= 300
+    assert files.kept_bytes <= files.quota_bytes
 
 
 def test_a_result_stays_keep_s_after_its_last_fetch(tmp_path):
@@ -107,7 +119,7 @@ def test_a_result_stays_keep_s_after_its_last_fetch(tmp_path):
 
 
 def test_one_visitor_keeps_at_most_their_share_and_is_told_when_to_try_again(tmp_path):
-    files = files_in(tmp_path, keep_s=600, per_visitor=250)
+    files = files_in(tmp_path, keep_s=600, per_visitor=int(2.5 * cost(files_in(tmp_path))))  # two files, not three
     first, second, third = (upload(tmp_path, name) for name in "abc")
     assert files.uploaded([first], "one") is None
     files.clock.now += 100
@@ -125,6 +137,30 @@ def test_one_visitor_keeps_at_most_their_share_and_is_told_when_to_try_again(tmp
     files.clock.now += 601
     assert files.refusal("one") is None
     assert files.uploaded([upload(tmp_path, "d")], "one") is None
+
+
+def test_a_visitors_share_follows_their_claims_as_they_lapse_and_their_files_go(tmp_path):
+    one_file = cost(files_in(tmp_path))
+    files = files_in(tmp_path, keep_s=600, quota=3 * one_file, per_visitor_files=2)
+    a, b, c = (upload(tmp_path, name) for name in "abc")
+    assert files.uploaded([a], "one") is None
+    files.clock.now += 100
+    assert files.uploaded([b], "one") is None
+    assert files.uploaded([c], "one").startswith("You have uploaded too many")  # two already: the bound on the number
+    assert not Path(c).parent.exists()  # refused: nothing left, not even its folder
+    files.clock.now += 501  # a's claim lapses (no sweep needed): room for one more
+    assert files.uploaded([upload(tmp_path, "c")], "one") is None
+    assert (len(files.shares["one"].claims), files.shares["one"].cost) == (2, 2 * one_file)
+    for name in "de":  # others' uploads past the quota: a (no one's now) goes first, then b, one's oldest
+        files.clock.now += 1
+        assert files.uploaded([upload(tmp_path, name)], f"visitor {name}") is None
+    assert [Path(p).exists() for p in (a, b)] == [False, False]
+    assert (len(files.shares["one"].claims), files.shares["one"].cost) == (1, one_file)
+    assert files.kept_bytes == files.quota_bytes
+    assert files.uploaded([upload(tmp_path, "f")], "one") is None  # b gone: one has room again
+    files.clock.now += 601
+    files.sweep()
+    assert (files.kept, files.shares, files.claims, files.kept_bytes) == ({}, {}, {}, 0)
 
 
 def test_one_upload_serves_its_visitor_for_several_styles_only(private_app, public_app, tmp_path, monkeypatch):
