@@ -19,7 +19,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import cachetools
-import httpx2
 from huggingface_hub import HfApi, get_session
 from huggingface_hub.errors import HfHubHTTPError
 from limits import parse
@@ -99,4 +98,4 @@ class Accounts:
 def hub_calls_time_out() -> None:
     """huggingface_hub's shared HTTP client waits forever by default: a Hub that hangs would hold its thread for good
     (a whoami here, a Space's lookup in relay.py). Every call this process makes through it gives up instead."""
-    get_session().timeout = httpx2.Timeout(HUB_TIMEOUT_S)
+    get_session().timeout = HUB_TIMEOUT_S  # httpx takes a number for every phase

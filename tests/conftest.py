@@ -28,6 +28,9 @@ from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import TYPE_CHECKING, NamedTuple
 
+from hub_standin import HUB, StandInHub  # first: huggingface_hub reads HF_ENDPOINT once, when it is imported
+
+# isort: split
 import httpx
 import pytest
 from gradio_client import Client
@@ -95,6 +98,19 @@ def rate_clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     for module in (limits.storage.memory, limits.strategies, visitors):
         monkeypatch.setattr(module, "time", SimpleNamespace(time=clock))
     return clock
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[StandInHub]:
+    """The stand-in Hub (hub_standin.py) for this test, with huggingface_hub's offline mode off for its length: the
+    Hub calls it makes still end on loopback, here."""
+    import huggingface_hub.constants
+
+    assert HUB.url == huggingface_hub.constants.ENDPOINT, "huggingface_hub was imported before the stand-in"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    HUB.reset()
+    yield HUB
+    HUB.reset()
 
 
 @pytest.fixture(autouse=True)

@@ -191,3 +191,55 @@ def assert_no_error_badge(page) -> None:
     for output in ("#overlay", "#result", "#status"):
         expect(page.locator(output).get_by_text("Error", exact=True)).to_have_count(0)
     expect(page.locator(".toast-body")).to_have_count(0)
+
+
+@pytest.mark.browser
+def test_a_signed_in_visitor_sees_their_name_and_signs_out_and_the_line_forgets_their_finished_job(
+    private_app, public_app, chromium_path, hub, monkeypatch
+):
+    """Gradio's local OAuth mock signs in this machine's account (whoami on the stand-in Hub). The page polls the
+    line only at load here (POLL_S: an hour), so the line it shows after the run is the one its own job's end asked
+    for."""
+    import waiting
+
+    hub.accounts["hf_grace_machine"] = "grace"
+    monkeypatch.setenv("HF_TOKEN", "hf_grace_machine")
+    monkeypatch.setattr(waiting, "POLL_S", 3600)
+    refused: list[str] = []
+    page_errors: list[str] = []
+    with stack(private_app, public_app, front={"sign_in": True}) as s, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=DESKTOP)
+            page.set_default_timeout(PAGE_WAIT_MS)
+            page.on("response", lambda r: r.status in (401, 403, 404) and refused.append(f"{r.url} -> {r.status}"))
+            page.on("pageerror", lambda error: page_errors.append(str(error)))
+            page.goto(s.front)
+            button = page.locator("#sign-in")
+            expect(button).to_have_text("Sign in with Hugging Face")
+            expect(page.locator("#signed-in-as")).not_to_contain_text("Signed in")
+            button.click()  # the mock's sign-in, and back to the page
+            expect(page.locator("#signed-in-as")).to_contain_text("Signed in as grace")
+            expect(button).to_have_text("Sign out")
+
+            s.standin.hold()  # someone else's photo is on the GPU when the page loads: the line says so
+            other = visitor(s.front).submit(handle_file(str(EXAMPLE_PHOTO)), "casual", "male", api_name=API)
+            s.standin.wait_inside(1)
+            page.reload()
+            expect(page.locator("#wait")).to_contain_text("1 photo ahead")
+            page.get_by_role("button", name="Use the example photo").click()
+            page.wait_for_function(f"() => ({IMAGE_SHOWN})(document.querySelector('#photo img'))")
+            page.locator("#run").click()
+            expect(page.locator("#status")).to_contain_text("in line")
+            s.standin.release_all()
+            expect(page.locator("#status")).to_contain_text("Done in ")
+            assert other.result(timeout=30)[2].startswith("Done in ")
+            expect(page.locator("#wait")).to_have_text("No wait right now")  # asked as the job ended: not counted
+
+            page.locator("#sign-in").click()
+            expect(page.locator("#sign-in")).to_have_text("Sign in with Hugging Face")
+            expect(page.locator("#signed-in-as")).not_to_contain_text("Signed in")
+        finally:
+            browser.close()
+    assert refused == []
+    assert page_errors == []
