@@ -131,14 +131,14 @@ def _endpoint(
         when it needed no change, else WebP), the class overlay and the result (both WebP); and a status sentence.
         """
         started = time.perf_counter()
-        with metrics.job() as counted:  # done, failed, cancelled, or as refused below (back_metrics.py)
+        with metrics.job() as outcome:  # done, failed, cancelled, or as refused below (back_metrics.py)
             if unknown := unknown_choice(category, gender):
-                counted.refused("bad_input")
+                outcome.refused("bad_input")
                 raise gr.Error(unknown, print_exception=False)
             try:
                 pictures = await make_pictures(image_b64, category, gender, gr.Progress())
             except PhotoError as error:
-                counted.refused("bad_input")
+                outcome.refused("bad_input")
                 raise gr.Error(str(error), print_exception=False) from None
             except Exception as error:  # one line, no traceback: it could name paths or the model
                 logger.error("A job failed with %s.", type(error).__name__)
@@ -148,7 +148,7 @@ def _endpoint(
     async def make_pictures(image_b64: str, category: str, gender: str, progress: Any) -> tuple[str, str, str]:
         """One job in its slot, where the gate times each stage for the queue's estimates: the photo decoded, the
         GPU's turn, then the pictures composited and encoded."""
-        async with gate.job() as job:
+        async with gate.job() as slot:
             photo = await asyncio.to_thread(decode, image_b64)
             image = photo.image
             prompt, seed = background_prompt(category, gender), seed_for(image, category, gender)
@@ -160,7 +160,7 @@ def _endpoint(
                 with metrics.gpu_turn(waiting_since=decoded):
                     return pipeline.render(image, prompt, seed, progress)
 
-            class_map, background = await job.run(on_gpu, waiting=lambda: progress(0.0, desc="Waiting for the GPU"))
+            class_map, background = await slot.run(on_gpu, waiting=lambda: progress(0.0, desc="Waiting for the GPU"))
             progress(0.95, desc="Compositing")
             return await asyncio.to_thread(_finish, photo, class_map, background, len(pipeline.class_names))
 
