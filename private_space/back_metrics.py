@@ -16,7 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from guard import QUEUE_JOIN, ASGIApp, Message, Receive, Scope, Send
 
 OUTCOMES = ("done", "failed", "cancelled")
-REFUSALS = ("bad_input", "queue_full")
+REFUSALS = ("bad_input", "queue_full", "gpu_quota")  # gpu_quota: ZeroGPU refused the job's GPU call (app.py)
 SECONDS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 

@@ -89,7 +89,7 @@ def front_jobs(**counts: float) -> dict[str, float]:
 
 def back_jobs(**counts: float) -> dict[str, float]:
     """The backend's job counters: these, and 0 for every other outcome and reason."""
-    outcomes = ["done", "failed", "cancelled", "refused bad_input", "refused queue_full"]
+    outcomes = ["done", "failed", "cancelled", "refused bad_input", "refused queue_full", "refused gpu_quota"]
     return {outcome: counts.get(outcome.replace(" ", "_"), 0) for outcome in outcomes}
 
 
@@ -168,6 +168,23 @@ def test_a_failed_job_a_full_queue_and_bad_input_sent_to_the_backend_are_counted
     assert jobs(back) == back_jobs(done=4, failed=1, refused_queue_full=1, refused_bad_input=2)
     # Waits for the GPU: the warm-up, the failed job and the three; bad input never got that far.
     assert now(back) == {"waiting": 0, "running": 0, "waits timed": 5, "runs timed": 4}
+
+
+def test_zerogpus_refusals_are_counted_as_refused_for_gpu_quota_not_failed(private_app):
+    with backend(private_app, 0.0) as back:  # warmed up: one job done
+        back.standin.refuse_gpu_next()  # "ZeroGPU quota exceeded"
+        back.standin.refuse_gpu_next("ZeroGPU queue timeout", "No GPU was available after 60s", html="<b>No GPU</b>")
+        back.standin.fail_next()
+        direct = Client(back.url, token=TOKEN, verbose=False, download_files=False, ssl_verify=TLS)
+        photo = base64.b64encode(EXAMPLE_PHOTO.read_bytes()).decode()
+        for sentence in ("Try again in 0:14:02", "No GPU was available after 60s", JOB_FAILED):
+            with pytest.raises(AppError, match=sentence):
+                direct.predict(photo, "casual", "female", api_name=API)
+        assert direct.predict(photo, "casual", "female", api_name=API)[3].startswith("Done")
+        figures = scrape(back.url, TOKEN)
+    assert jobs(figures) == back_jobs(done=2, failed=1, refused_gpu_quota=2)
+    # Every job that made its GPU call had its wait timed: the warm-up, the two refused, the failed one and the last.
+    assert now(figures) == {"waiting": 0, "running": 0, "waits timed": 5, "runs timed": 2}
 
 
 def test_a_killed_backends_running_job_is_lost_and_its_waiting_jobs_moved_and_done(private_app, public_app):
