@@ -35,7 +35,7 @@ from back_settings import (
 )
 from choices import CATEGORIES, GENDERS, unknown_choice
 from gpu_gate import GpuGate
-from guard import launch_guarded
+from guard import GET, Allowed, launch_guarded
 from identity import BuildHeader, build_id
 from imaging import Photo, PhotoError, composite, decode_photo, encode_photo, overlay, seed_for
 
@@ -47,6 +47,8 @@ ZEROGPU, ZEROGPU_WORKER_ERROR = "ZeroGPU", "ZeroGPU worker error"
 # Every relayed request is a session of its own that never comes back, and Gradio keeps each session's last
 # inputs and outputs (a photo and two pictures) until it has this many newer ones. Nothing here reads them.
 KEPT_SESSIONS = 1
+# The routes this app serves besides Gradio's own (guard.ROUTES), each with why.
+ROUTES = (Allowed(GET, "/gradio_api/queue/status", "the public relay's probe of a backend (relay.py `status`)"),)
 Category = Literal[tuple(CATEGORIES)]  # the API page lists the valid values; predict_api still checks them
 Gender = Literal[tuple(GENDERS)]
 
@@ -220,6 +222,7 @@ def serve(back: Back, *, token: str | None = BACKEND_TOKEN, warm_up: bool = True
         back.blocks,
         api_name=API_NAME,
         token=token,
+        allowed=ROUTES,
         max_body_bytes=limit,
         middleware=[build, full_queue],
         metrics=metrics,

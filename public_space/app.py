@@ -40,16 +40,23 @@ from front_settings import (
     VISITOR_FILES_MB,
     VISITOR_RATE,
 )
-from guard import launch_guarded
+from guard import GET, POST, UPLOAD, Allowed, launch_guarded
 from photos import PhotoReader, photo_bytes
 from relay import API_NAME  # the public endpoint is called as the backend's
 from results import Results
-from sign_in import available, sign_in_button
+from sign_in import SIGN_IN_ROUTES, available, sign_in_button
 from visitors import FairShare
-from waiting import WaitMiddleware, line_now, poll_js
+from waiting import WAIT_ROUTE, WaitMiddleware, line_now, poll_js
 from wording import about
 
 EXAMPLE_PHOTO = Path(__file__).parent / "examples" / "astronaut.png"
+# The page's routes besides Gradio's own (guard.ROUTES), each with why; with sign-in, SIGN_IN_ROUTES too.
+ROUTES = (
+    Allowed(POST, UPLOAD, "the visitor's photo (files.py holds each visitor to their share)"),
+    Allowed(GET, "/gradio_api/upload_progress", "the page's progress bar while a photo uploads"),
+    Allowed(GET, WAIT_ROUTE, "the wait before one runs, which the page polls (waiting.py)"),
+    Allowed(GET, EXAMPLE_ROUTE, "the example photo: the button's icon, and what it uploads (files.py)"),
+)
 
 logger = logging.getLogger("backdrop")
 
@@ -202,7 +209,7 @@ def serve(front: Front, **launch_kwargs: Any) -> None:
     launch_guarded(
         front.blocks,
         api_name=API_NAME,
-        allow_uploads=True,
+        allowed=ROUTES + (SIGN_IN_ROUTES if front.blocks.expects_oauth else ()),
         max_file_size="20mb",
         middleware=[files, wait],
         metrics=metrics,

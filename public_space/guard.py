@@ -1,9 +1,11 @@
-"""Server-side access control for a Gradio app: one invocable endpoint, and an optional bearer-token lock.
+"""Server-side access control for a Gradio app: the routes we name, one invocable endpoint, an optional token lock.
 
-Gradio's `api_visibility` only hides an event from the API page; the server still runs any `fn_index`
-posted to the queue and any name posted to `/gradio_api/call|run|api/...`. This ASGI middleware is what
-enforces "only `api_name` can be invoked". Both Spaces carry an identical copy of this file (a test keeps
-them identical) so that each folder deploys on its own.
+Gradio's `api_visibility` only hides an event from the API page; the server still runs any `fn_index` posted to
+the queue and any name posted to `/gradio_api/call|run|api/...`, and each Gradio release can add routes (such as
+`/gradio_api/deep_link`, which writes a file for anyone). This ASGI middleware lets through only the routes listed
+in `ROUTES` (and those an app adds: `launch_guarded(allowed=...)`), each with the reason it is needed; everything
+else is an unknown route (404). Both Spaces carry an identical copy of this file (a test keeps them identical) so
+that each folder deploys on its own.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from starlette.middleware import Middleware
+from starlette.responses import JSONResponse, Response
+from starlette.routing import compile_path
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -28,24 +33,57 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 logger = logging.getLogger(__name__)
 
+
+@dataclass(frozen=True)
+class Allowed:
+    """A route the guard lets through: its methods (GET brings HEAD), its path as Starlette writes routes
+    (`{name}` is one path segment, `{name:path}` the rest; `{api}` is the endpoint's name), why it is needed, and
+    whether a request to it runs the endpoint (its body is then read and checked first)."""
+
+    methods: tuple[str, ...]
+    path: str
+    reason: str
+    runs: bool = False
+
+
 API = "/gradio_api"
 QUEUE_JOIN = f"{API}/queue/join"
 UPLOAD = f"{API}/upload"
-SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
-# Gradio's own launch() calls this without any token; it only starts the queue, once.
-TOKENLESS = {f"{API}/startup-events"}
-# POST routes the browser and gradio_client need besides the queue join: cancelling one's own job.
-HARMLESS_POSTS = {f"{API}/cancel", f"{API}/reset"}
-# /gradio_api/call/NAME[/EVENT_ID], /gradio_api/call/v2/NAME[/EVENT_ID], /gradio_api/run/NAME, /gradio_api/api/NAME
-NAMED_ROUTE = re.compile(rf"^{API}/(call|run|api)(/.*)?$")
+GET, POST = ("GET",), ("POST",)
+# Everything a Gradio page and gradio_client need, whatever the app; an app adds its own (launch_guarded).
+# (GET /metrics is the guard's own: served to the metrics token only, and otherwise an unknown route.)
+ROUTES = (
+    Allowed(GET, "/", "the page (HEAD too: Gradio's launch() checks that it answers)"),
+    Allowed(GET, "/assets/{path:path}", "the page's scripts and styles"),
+    Allowed(GET, "/static/{path:path}", "the page's fonts, and the iframe resizer a Space's page needs"),
+    Allowed(GET, "/theme.css", "the page's theme"),
+    Allowed(GET, "/favicon.ico", "the page's icon"),
+    Allowed(GET, "/config", "the app's description: gradio_client and the relay (relay.py) read it first"),
+    Allowed(GET, "/gradio_api/info", "the endpoint's inputs and outputs, for gradio_client and the API page"),
+    Allowed(GET, "/gradio_api/startup-events", "Gradio's own launch() starts the queue with it (with no token)"),
+    Allowed(POST, "/gradio_api/queue/join", "a run, from the page or gradio_client (its fn_index only)", runs=True),
+    Allowed(GET, "/gradio_api/queue/data", "a session's stream: its runs' places, progress and results"),
+    Allowed(POST, "/gradio_api/cancel", "Stop on the page, and gradio_client's Job.cancel(): one's own run"),
+    Allowed(POST, "/gradio_api/reset", "after a cancel, the page and gradio_client drop the run's stream"),
+    Allowed(GET, "/gradio_api/file={path:path}", "pictures: an upload shown, results shown and downloaded"),
+    Allowed(POST, "/gradio_api/call/{api}", "the endpoint's REST form (a run), as the API page shows it", runs=True),
+    Allowed(POST, "/gradio_api/call/v2/{api}", "the same, as the API page's curl example writes it", runs=True),
+    Allowed(GET, "/gradio_api/call/{api}/{event_id}", "the REST form's result stream, by its event id"),
+    Allowed(GET, "/gradio_api/call/v2/{api}/{event_id}", "the same, as the API page's curl example writes it"),
+)
+# Routes that run code of the app's: one that no entry allows gets a 403 and this guard's sentence, not a 404.
+INVOKING = re.compile(rf"{API}/(queue/join|call|run|api|component_server|upload)(/.*)?", re.DOTALL)
+TOKENLESS = {f"{API}/startup-events"}  # Gradio's own launch() calls it without any token; it only starts the queue
+NOT_FOUND = "Not Found"  # FastAPI's own words: a route refused here looks like one that is not there
 METRICS = "/metrics"  # the maintainer's read-only figures: served only with the metrics token, else unknown
 LOG_EVERY_S = 10.0  # at most one log line per kind of refusal or failure in this time: a flood cannot fill the log
 
 
 class EndpointGuard:
-    """Refuse (403) every invocation but `api_name`'s, and (401) every request without `token` when one is set.
+    """Let through only the allowed routes (else 404, or 403 for a route that runs code), only `api_name`'s runs
+    (else 403), and, when `token` is set, only requests that carry it (else 401, before anything else).
 
-    With `check_data`, a call whose `data` it rejects gets a 422: Gradio would print a traceback for values its
+    With `check_data`, a run whose `data` it rejects gets a 422: Gradio would print a traceback for values its
     components cannot take. An exception from the app (Gradio raises some for requests it cannot serve, such as
     an unknown session's stream) ends that response here with one short log line instead of a traceback.
     """
@@ -57,7 +95,7 @@ class EndpointGuard:
         fn_indices: Iterable[int],
         api_name: str,
         token: str | None = None,
-        allow_uploads: bool = False,
+        allowed: Sequence[Allowed] = (),
         max_body_bytes: int = 32 * 1024 * 1024,
         check_data: Callable[[Any], bool] | None = None,
         metrics: tuple[str, Callable[[], tuple[bytes, str]]] | None = None,
@@ -70,9 +108,16 @@ class EndpointGuard:
             raise ValueError(f"No event is named {api_name!r}.")
         self.api_name = api_name
         self.token = token.encode() if token else None
-        self.allow_uploads = allow_uploads
+        self.entries = [(_methods(entry), _pattern(entry, api_name), entry) for entry in (*ROUTES, *allowed)]
         self.max_body_bytes = max_body_bytes
         self.log = _ThrottledLog(LOG_EVERY_S)
+
+    def entry_for(self, method: str, path: str) -> Allowed | None:
+        """The entry that lets `method` reach `path` (as `_route_path` gives it), or None."""
+        for methods, pattern, entry in self.entries:
+            if method in methods and pattern.fullmatch(path):
+                return entry
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -83,14 +128,12 @@ class EndpointGuard:
             refusal, receive = await self._check(scope, receive)
             if refusal is None and self._metrics_asked(scope):
                 body, content_type = self.metrics[1]()
-                headers = [(b"content-type", content_type.encode()), (b"content-length", str(len(body)).encode())]
-                await send({"type": "http.response.start", "status": 200, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
+                await Response(body, media_type=content_type)(scope, receive, send)
             elif refusal is None:
                 await self._serve(scope, receive, send)
             else:
                 self.log.note(str(refusal[0]), "Refused %s %s: %s", scope["method"], _shown(scope), refusal[1])
-                await _reply(send, *refusal)
+                await _reply(scope, receive, send, *refusal)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
         state = {"started": False, "ended": False}
@@ -106,7 +149,7 @@ class EndpointGuard:
             self.log.note("failed", "%s %s failed: %s", scope["method"], _shown(scope), type(error).__name__)
             with contextlib.suppress(Exception):  # the caller may be gone already
                 if not state["started"]:
-                    await _reply(send, 500, "The request could not be served.")
+                    await _reply(scope, receive, send, 500, "The request could not be served.")
                 elif not state["ended"]:  # a stream already under way: end it cleanly rather than leave it cut
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -115,32 +158,23 @@ class EndpointGuard:
         method, path = scope["method"], _route_path(scope)
         if self.token is not None and path not in TOKENLESS and not self._authorized(scope):
             return (401, "A valid token is required."), receive
+        entry = self.entry_for(method, path)
+        only = f"Only the {self.api_name} endpoint can be called."
+        if entry is None and not self._metrics_asked(scope):
+            return ((403, only) if INVOKING.fullmatch(path) else (404, NOT_FOUND)), receive
         if method == "POST" and path != UPLOAD and _content_length(scope) > self.max_body_bytes:
             return (413, "The request is too large."), receive
-        only = f"Only the {self.api_name} endpoint can be called."
-        if method == "POST" and (path == QUEUE_JOIN or (NAMED_ROUTE.match(path) and self._allowed(method, path))):
-            body = await _read_body(receive, self.max_body_bytes)
-            if body is None:
-                return (413, "The request is too large."), receive
-            message = _json(body)
-            if path == QUEUE_JOIN and _fn_index(message) not in self.fn_indices:
-                return (403, only), receive
-            if self.check_data is not None and not self.check_data(message.get("data")):
-                return (422, f"The data does not fit {self.api_name}'s inputs: see the API page."), receive
-            return None, _replay(body, receive)
-        if not self._allowed(method, path):
+        if entry is None or not entry.runs:
+            return None, receive
+        body = await _read_body(receive, self.max_body_bytes)
+        if body is None:
+            return (413, "The request is too large."), receive
+        message = _json(body)
+        if path == QUEUE_JOIN and _fn_index(message) not in self.fn_indices:
             return (403, only), receive
-        return None, receive
-
-    def _allowed(self, method: str, path: str) -> bool:
-        if path == UPLOAD:
-            return self.allow_uploads
-        if match := NAMED_ROUTE.match(path):
-            parts = (match.group(2) or "").strip("/").split("/")
-            if match.group(1) == "call" and parts[0] == "v2":
-                parts = parts[1:]
-            return parts[0] == self.api_name and len(parts) <= 2
-        return method in SAFE_METHODS or path in HARMLESS_POSTS
+        if self.check_data is not None and not self.check_data(message.get("data")):
+            return (422, f"The data does not fit {self.api_name}'s inputs: see the API page."), receive
+        return None, _replay(body, receive)
 
     def _authorized(self, scope: Scope, token: bytes | None = None) -> bool:
         headers = dict(scope["headers"])
@@ -151,7 +185,7 @@ class EndpointGuard:
         return False
 
     def _metrics_asked(self, scope: Scope) -> bool:
-        """A GET of /metrics with the metrics token; any other request for it goes on as for an unknown route."""
+        """A GET of /metrics with the metrics token; any other request for it is one for an unknown route."""
         if self.metrics is None or scope["method"] != "GET" or _route_path(scope) != METRICS:
             return False
         return self._authorized(scope, self.metrics[0])
@@ -162,7 +196,7 @@ def launch_guarded(
     *,
     api_name: str,
     token: str | None = None,
-    allow_uploads: bool = False,
+    allowed: Sequence[Allowed] = (),
     max_body_bytes: int = 32 * 1024 * 1024,
     middleware: Sequence[Middleware] = (),
     metrics: tuple[str, Callable[[], tuple[bytes, str]]] | None = None,
@@ -170,6 +204,7 @@ def launch_guarded(
 ) -> None:
     """Launch `blocks` (a gr.Blocks) behind the guard, hardened, and return once it serves.
 
+    `allowed`: the app's own routes besides `ROUTES` (those its middleware serves, uploads if its page takes any).
     `metrics`: (token, render) to serve GET /metrics with `render()`'s (body, content type) to that token only.
     `middleware`: further ASGI middleware, inside the guard (it sees only the requests the guard lets through).
 
@@ -181,7 +216,7 @@ def launch_guarded(
         fn_indices=[fn._id for fn in endpoints],
         api_name=api_name,
         token=token,
-        allow_uploads=allow_uploads,
+        allowed=allowed,
         max_body_bytes=max_body_bytes,
         check_data=_fits(endpoints[0].inputs, Path(blocks.GRADIO_CACHE)) if endpoints else None,
         metrics=metrics,
@@ -220,6 +255,14 @@ def _shown(scope: Scope) -> str:
     """The request's path as a log may show it: short, on one line, nothing unprintable."""
     path: str = scope["path"]
     return path[:80].encode("unicode_escape").decode("ascii") + ("…" if len(path) > 80 else "")
+
+
+def _methods(entry: Allowed) -> frozenset[str]:
+    return frozenset(entry.methods) | ({"HEAD"} if "GET" in entry.methods else set())
+
+
+def _pattern(entry: Allowed, api_name: str) -> re.Pattern[str]:
+    return compile_path(entry.path.replace("{api}", api_name))[0]
 
 
 def _content_length(scope: Scope) -> int:
@@ -300,8 +343,5 @@ def _replay(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
-async def _reply(send: Send, status: int, sentence: str) -> None:
-    body = json.dumps({"detail": sentence}).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+async def _reply(scope: Scope, receive: Receive, send: Send, status: int, sentence: str) -> None:
+    await JSONResponse({"detail": sentence}, status_code=status)(scope, receive, send)

@@ -19,6 +19,15 @@ from typing import Any
 
 import gradio as gr
 
+from guard import GET, Allowed
+
+# Gradio's OAuth routes, which the guard lets through where the page shows the button (app.py's serve()).
+SIGN_IN_ROUTES = (
+    Allowed(GET, "/login/huggingface", "the button: to the Hub's sign-in"),
+    Allowed(GET, "/login/callback", "back from the Hub, signed in"),
+    Allowed(GET, "/logout", "signing out"),
+)
+
 
 def available() -> bool:
     """Whether this Space provides HF OAuth (`hf_oauth: true` sets OAUTH_CLIENT_ID), so the button can work."""

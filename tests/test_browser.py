@@ -52,15 +52,15 @@ def chromium_path() -> str:
 def test_a_visitor_runs_the_example_photo_and_sees_the_queue_then_both_results(
     private_app, public_app, chromium_path, tmp_path
 ):
-    refused: list[str] = []  # the public app's guard (or anything else) turning the page away
+    refused: list[str] = []  # the public app's guard (or anything else) turning the page away, or a route gone
     page_errors: list[str] = []
 
     def on_response(response) -> None:
-        if response.status in (401, 403):
+        if response.status in (401, 403, 404):
             refused.append(f"{response.request.method} {response.url} -> {response.status}")
 
     def on_console(message) -> None:
-        if re.search(r"\b40[13]\b", message.text):
+        if re.search(r"\b40[134]\b", message.text):
             refused.append(f"console: {message.text}")
 
     with (
@@ -138,7 +138,7 @@ def test_a_visitor_tries_a_second_style_keeps_the_result_and_a_refusal_leaves_th
         try:
             page = browser.new_page(viewport=viewport)
             page.set_default_timeout(PAGE_WAIT_MS)
-            page.on("response", lambda r: r.status in (401, 403) and refused.append(f"{r.url} -> {r.status}"))
+            page.on("response", lambda r: r.status in (401, 403, 404) and refused.append(f"{r.url} -> {r.status}"))
             page.on("pageerror", lambda error: page_errors.append(str(error)))
             page.goto(s.front)
             expect(page.locator("#wait")).to_contain_text("No wait right now")  # the line, before any Run

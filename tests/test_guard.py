@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from conftest import ROOT
 
-from guard import EndpointGuard
+from guard import GET, Allowed, EndpointGuard
 
 
 @pytest.mark.parametrize("module", ["guard.py", "photo_rules.py"])
@@ -55,7 +55,7 @@ def call(method: str, path: str, body: bytes = b"", headers=(), **settings) -> i
         ("POST", "/gradio_api/run/other", b"{}", 403),
         ("POST", "/gradio_api/upload", b"", 403),
         ("POST", "/gradio_api/component_server", b"{}", 403),
-        ("DELETE", "/config", b"", 403),
+        ("DELETE", "/config", b"", 404),
         ("POST", "/gradio_api/cancel", b"{}", 200),
         ("GET", "/config", b"", 200),
     ],
@@ -117,12 +117,14 @@ def test_a_failing_app_gets_a_500_or_an_ended_stream_and_a_flood_of_failures_one
             sent.append(message)
 
         for _ in range(50):
-            await guard({"type": "http", "method": "GET", "path": "/x", "root_path": "", "headers": []}, receive, send)
+            await guard(
+                {"type": "http", "method": "GET", "path": "/config", "root_path": "", "headers": []}, receive, send
+            )
 
     with caplog.at_level("WARNING", logger="guard"):
         asyncio.run(flood())
     assert [m["status"] for m in sent if m["type"] == "http.response.start"] == [500] * 50
-    assert [r.getMessage() for r in caplog.records] == ["GET /x failed: RuntimeError"]  # 49 more left out, for now
+    assert [r.getMessage() for r in caplog.records] == ["GET /config failed: RuntimeError"]  # 49 more left out
     ended = run_guarded(fails_mid_stream)
     assert ended[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
 
@@ -135,3 +137,31 @@ def test_data_that_does_not_fit_the_inputs_is_refused():
     assert call("POST", "/gradio_api/queue/join", b'{"fn_index": 3, "data": ["a", 2]}', check_data=fits) == 422
     assert call("POST", "/gradio_api/call/predict_api", b'{"data": 5}', check_data=fits) == 422
     assert call("POST", "/gradio_api/call/predict_api", b"[" * 100_000, check_data=fits) == 422
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/gradio_api/deep_link"),  # it writes a file of the session's values, for anyone
+        ("GET", "/gradio_api/no-such-route"),
+        ("GET", "/monitoring"),
+        ("GET", "/openapi.json"),
+        ("GET", "/gradio_api/heartbeat/abc123"),
+        ("GET", "/gradio_api/queue/status"),  # the private app adds it; the guard alone does not
+        ("POST", "/gradio_api/vibe-edit"),
+        ("OPTIONS", "/config"),
+        ("PUT", "/gradio_api/file=x"),
+    ],
+)
+def test_a_route_no_entry_names_is_unknown(method, path):
+    sent = run_guarded(lambda *_: pytest.fail("the app was reached"), method, path)
+    assert (sent[0]["status"], sent[1]["body"]) == (404, b'{"detail":"Not Found"}')
+
+
+def test_head_goes_where_get_goes_and_an_app_adds_its_own_routes():
+    wait = Allowed(GET, "/backdrop/wait", "the wait figure")
+    assert call("HEAD", "/") == call("HEAD", "/gradio_api/file=/tmp/x.png") == 200
+    assert call("GET", "/backdrop/wait") == call("HEAD", "/backdrop/wait") == 404
+    assert call("GET", "/backdrop/wait", allowed=[wait]) == call("HEAD", "/backdrop/wait", allowed=[wait]) == 200
+    assert call("POST", "/backdrop/wait", allowed=[wait]) == 404
+    assert call("GET", "/gradio_api/deep_link", token="s3cret") == 401  # the token lock comes before anything else
