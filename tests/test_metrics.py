@@ -242,23 +242,22 @@ def test_metrics_answer_only_the_maintainers_token_and_name_no_visitor(private_a
     assert counted == []  # no route, and nothing counted: no job of the front cost any counting
 
 
-def test_deploy_status_reads_both_apps_and_says_which_is_down(private_app, public_app, monkeypatch):
+def test_deploy_status_reads_both_apps_and_says_which_is_down(private_app, public_app, monkeypatch, capsys):
     import deploy
 
     monkeypatch.setenv("METRICS_TOKEN", METRICS_TOKEN)
     monkeypatch.setenv("BACKEND_TOKEN", TOKEN)
-    printed: list[str] = []
-    monkeypatch.setattr("builtins.print", lambda text="", **_: printed.append(str(text)))
     with stack(private_app, public_app, front=COUNTING) as s:
         assert done(submit(visitor(s.front)))
+        capsys.readouterr()  # read stdout itself: `status` prints with the `print` it was defined with, not a patch
         assert deploy.main(["status", "--frontend", s.front, "--backend", s.back]) == 0
-        screen = "\n".join(printed)
+        screen = capsys.readouterr().out
         assert f"frontend {s.front}: up · waiting 0 · running 0" in screen
         assert "since start: done 1, failed 0, lost 0, cancelled 0, refused 0" in screen
         assert "backend 1 of 1: up · share 100 % (1 jobs)" in screen
         assert f"backend {s.back}: up" in screen
         assert "since start: done 2" in screen  # the backend's warm-up and the job
+        assert "queue_full 0, gpu_quota 0)" in screen  # the backend counts ZeroGPU's refusals
         monkeypatch.setenv("BACKEND_TOKEN", "wrong")
-        printed.clear()
         assert deploy.main(["status", "--frontend", s.front, "--backend", s.back]) == 1
-        assert f"backend {s.back}: DOWN" in "\n".join(printed)
+        assert f"backend {s.back}: DOWN" in capsys.readouterr().out
