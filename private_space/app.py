@@ -41,6 +41,9 @@ from imaging import Photo, PhotoError, composite, decode_photo, encode_photo, ov
 
 API_NAME = "predict_api"
 FAILED = "Something went wrong while processing the photo. Please try again."
+# The `spaces` package's errors are titled "ZeroGPU …"; this one is no refusal but our own models failing in the GPU
+# worker (its message is their exception's class name: spaces/zero/wrappers.py), so it stays a failed job.
+ZEROGPU, ZEROGPU_WORKER_ERROR = "ZeroGPU", "ZeroGPU worker error"
 # Every relayed request is a session of its own that never comes back, and Gradio keeps each session's last
 # inputs and outputs (a photo and two pictures) until it has this many newer ones. Nothing here reads them.
 KEPT_SESSIONS = 1
@@ -133,16 +136,20 @@ def _endpoint(
         when it needed no change, else WebP), the class overlay and the result (both WebP); and a status sentence.
         """
         started = time.perf_counter()
-        with metrics.job() as counted:  # done, failed, cancelled, or as refused below (back_metrics.py)
+        with metrics.job() as outcome:  # done, failed, cancelled, or as refused below (back_metrics.py)
             if unknown := unknown_choice(category, gender):
-                counted.refused("bad_input")
+                outcome.refused("bad_input")
                 raise gr.Error(unknown, print_exception=False)
             try:
                 pictures = await make_pictures(image_b64, category, gender, gr.Progress())
             except PhotoError as error:
-                counted.refused("bad_input")
+                outcome.refused("bad_input")
                 raise gr.Error(str(error), print_exception=False) from None
             except Exception as error:  # one line, no traceback: it could name paths or the model
+                if refusal := zerogpu_refusal(error):
+                    outcome.refused("gpu_quota")
+                    logger.warning("ZeroGPU refused a job (%s).", refusal.title)  # not its message: a visitor's quota
+                    raise refusal from None
                 logger.error("A job failed with %s.", type(error).__name__)
                 raise gr.Error(FAILED, print_exception=False) from None
         return *pictures, f"Done in {time.perf_counter() - started:.1f} s"
@@ -150,7 +157,7 @@ def _endpoint(
     async def make_pictures(image_b64: str, category: str, gender: str, progress: Any) -> tuple[str, str, str]:
         """One job in its slot, where the gate times each stage for the queue's estimates: the photo decoded, the
         GPU's turn, then the pictures composited and encoded."""
-        async with gate.job() as job:
+        async with gate.job() as slot:
             photo = await asyncio.to_thread(decode, image_b64)
             image = photo.image
             prompt, seed = background_prompt(category, gender), seed_for(image, category, gender)
@@ -162,11 +169,26 @@ def _endpoint(
                 with metrics.gpu_turn(waiting_since=decoded):
                     return pipeline.render(image, prompt, seed, progress)
 
-            class_map, background = await job.run(on_gpu, waiting=lambda: progress(0.0, desc="Waiting for the GPU"))
+            class_map, background = await slot.run(on_gpu, waiting=lambda: progress(0.0, desc="Waiting for the GPU"))
             progress(0.95, desc="Compositing")
             return await asyncio.to_thread(_finish, photo, class_map, background, len(pipeline.class_names))
 
     return predict_api
+
+
+def zerogpu_refusal(error: Exception) -> gr.Error | None:
+    """ZeroGPU's refusal of the job's GPU call, to send the caller as ZeroGPU wrote it (its title and plain text);
+    None for any other error.
+
+    The `spaces` package raises each refusal as a gr.Error titled "ZeroGPU …" (spaces/zero/client.py: quota exceeded,
+    pending credits exceeded, illegal duration, queue timeout, client error), a sentence meant for the visitor. Those
+    sentences hold GPU seconds requested and left, a wait, and huggingface.co links (sign up, PRO, token settings,
+    billing): never a token, a path or a model name. The queue timeout's message is HTML (an HTMLString: `str()` of
+    it is its plain text, which the caller gets).
+    """
+    if not isinstance(error, gr.Error) or not error.title.startswith(ZEROGPU) or error.title == ZEROGPU_WORKER_ERROR:
+        return None
+    return gr.Error(str(error.message), title=error.title, print_exception=False)
 
 
 def _finish(photo: Photo, class_map: np.ndarray, background: Image.Image, classes: int) -> tuple[str, str, str]:

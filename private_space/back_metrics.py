@@ -16,7 +16,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from guard import QUEUE_JOIN, ASGIApp, Message, Receive, Scope, Send
 
 OUTCOMES = ("done", "failed", "cancelled")
-REFUSALS = ("bad_input", "queue_full")
+REFUSALS = ("bad_input", "queue_full", "gpu_quota")  # gpu_quota: ZeroGPU refused the job's GPU call (app.py)
 SECONDS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 
@@ -41,22 +41,22 @@ class BackMetrics:
         self.gpu_used = Counter("backdrop_gpu_used_seconds", "GPU seconds used.", registry=r)
 
     @contextlib.contextmanager
-    def job(self) -> Iterator[CountedJob]:
+    def job(self) -> Iterator[JobOutcome]:
         """One job served, for the length of the block: done if the block ends without an error, cancelled if it
-        is cancelled, else what the app says (`CountedJob.refused`), or failed."""
-        job = CountedJob()
+        is cancelled, else what the app says (`JobOutcome.refused`), or failed."""
+        outcome = JobOutcome()
         started = time.perf_counter()
         self.running.inc()
         try:
-            yield job
-            job.outcome = ("done", "")
+            yield outcome
+            outcome.labels = ("done", "")
             self.run_s.observe(time.perf_counter() - started)
         except Exception:
-            job.outcome = job.outcome or ("failed", "")
+            outcome.labels = outcome.labels or ("failed", "")
             raise
         finally:
             self.running.dec()
-            self.jobs.labels(*(job.outcome or ("cancelled", ""))).inc()
+            self.jobs.labels(*(outcome.labels or ("cancelled", ""))).inc()
 
     @contextlib.contextmanager
     def gpu_turn(self, waiting_since: float) -> Iterator[None]:
@@ -72,14 +72,14 @@ class BackMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-class CountedJob:
-    """One job's outcome, as the app tells it."""
+class JobOutcome:
+    """One job's outcome, as the app tells it: its (outcome, reason) labels, None until it ends."""
 
     def __init__(self) -> None:
-        self.outcome: tuple[str, str] | None = None
+        self.labels: tuple[str, str] | None = None
 
     def refused(self, reason: str) -> None:
-        self.outcome = ("refused", reason)
+        self.labels = ("refused", reason)
 
 
 class CountFullQueue:

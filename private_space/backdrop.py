@@ -17,13 +17,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import AutoencoderTiny, AutoPipelineForText2Image
-from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from transformers import SegformerForSemanticSegmentation, SegformerImageProcessorPil
 from transformers.utils import logging as transformers_logging
 
 from back_settings import GPU_DURATION_S  # the most ZeroGPU seconds one request may reserve
+from no_torchvision import without_fallback_notices
+
+with without_fallback_notices():  # diffusers' pipelines import names that need torchvision (no_torchvision.py)
+    from diffusers import AutoencoderTiny, AutoPipelineForText2Image
+    from diffusers.utils import logging as diffusers_logging
 
 # What one request is expected to cost on a ZeroGPU slice, generously (no GPU was at hand to measure: these are a
 # few times sd-turbo's public fp16 figures on A10G/A100-class cards, about 0.1-0.3 s per 512x512 UNet step).

@@ -31,8 +31,9 @@ T = TypeVar("T")
 
 
 @dataclass
-class _Job:
-    """One job holding a slot: decoding (`gpu_from` None), waiting for or on a GPU, then finishing."""
+class _Stages:
+    """When one job holding a slot entered each stage: decoding (`gpu_from` None), waiting for or on a GPU, then
+    finishing."""
 
     entered: float
     gpu_from: float | None = None  # when it asked for a GPU
@@ -50,18 +51,18 @@ class GpuGate:
         self._guard = asyncio.BoundedSemaphore(gpus)
         self._workers = ThreadPoolExecutor(gpus, thread_name_prefix="gpu")
         self._times: dict[str, deque[float]] = {stage: deque(maxlen=WINDOW) for stage in ("decode", "gpu", "finish")}
-        self._jobs: list[_Job] = []  # in the order they came; a cancelled one stays until its GPU work is over
+        self._jobs: list[_Stages] = []  # in the order they came; a cancelled one stays until its GPU work is over
         self._slots_taken: Callable[[], int] = lambda: len(self._jobs)
 
     @contextlib.asynccontextmanager
-    async def job(self) -> AsyncIterator[Job]:
-        """One job's time in its slot: decode, then `Job.run` on a GPU, then finish. A job that ends without an
+    async def job(self) -> AsyncIterator[Slot]:
+        """One job's time in its slot: decode, then `Slot.run` on a GPU, then finish. A job that ends without an
         error times its decode and finish stages."""
-        job = _Job(entered=time.monotonic())
+        job = _Stages(entered=time.monotonic())
         self._jobs.append(job)
         ok = False
         try:
-            yield Job(self, job)
+            yield Slot(self, job)
             ok = True
         finally:
             if job.on_gpu is None or job.finishing is not None:
@@ -72,7 +73,7 @@ class GpuGate:
                 self._times["decode"].append(job.gpu_from - job.entered)
                 self._times["finish"].append(time.monotonic() - job.finishing)
 
-    async def _run(self, job: _Job, work: Callable[[], T], waiting: Callable[[], object]) -> T:
+    async def _run(self, job: _Stages, work: Callable[[], T], waiting: Callable[[], object]) -> T:
         loop = asyncio.get_running_loop()
         job.gpu_from = time.monotonic()
         if self._guard.locked():
@@ -89,7 +90,7 @@ class GpuGate:
         future.add_done_callback(leave)  # before wrap_future's: `_release` runs before this coroutine resumes
         return await asyncio.wrap_future(future)
 
-    def _release(self, job: _Job, ran: bool) -> None:
+    def _release(self, job: _Stages, ran: bool) -> None:
         job.finishing = time.monotonic()
         if ran:
             self._times["gpu"].append(job.finishing - job.on_gpu)
@@ -176,11 +177,11 @@ class GpuGate:
         return [at - now for at in finishes]
 
 
-class Job:
-    """A job in its slot (`GpuGate.job`)."""
+class Slot:
+    """A job's slot (`GpuGate.job`): where it takes its turn on a GPU."""
 
-    def __init__(self, gate: GpuGate, job: _Job) -> None:
-        self._gate, self._job = gate, job
+    def __init__(self, gate: GpuGate, stages: _Stages) -> None:
+        self._gate, self._stages = gate, stages
 
     async def run(self, work: Callable[[], T], *, waiting: Callable[[], object]) -> T:
         """Run `work` on a GPU when one is free (calling `waiting` first if none is), timed.
@@ -188,4 +189,4 @@ class Job:
         A job cancelled while it waits never runs. One cancelled while it runs keeps its GPU until `work` returns,
         as a thread cannot be stopped: the next job never runs beside it.
         """
-        return await self._gate._run(self._job, work, waiting)
+        return await self._gate._run(self._stages, work, waiting)

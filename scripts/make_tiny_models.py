@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,13 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    AutoencoderTiny,
-    EulerAncestralDiscreteScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
-)
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -42,8 +36,22 @@ from transformers import (
     SegformerForSemanticSegmentation,
     SegformerImageProcessorPil,
 )
+from transformers.utils import logging as transformers_logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "private_space"))  # the app's own no_torchvision
+from no_torchvision import without_fallback_notices
+
+with without_fallback_notices():  # diffusers' pipelines import names that need torchvision (no_torchvision.py)
+    from diffusers import (
+        AutoencoderKL,
+        AutoencoderTiny,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
 
 SEED = 0
+transformers_logging.disable_progress_bar()  # "Writing model shards" for each of these tiny files says nothing
 
 # The label set of mattmdjaga/segformer_b2_clothes, in class-id order.
 LABELS = [

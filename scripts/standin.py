@@ -10,7 +10,9 @@ inside. Nothing then depends on how fast the machine is. `release_everyone()` le
 stand-in go on: the tests call it after each test, so a failing one never leaves a thread waiting.
 
 A test that needs a job to fail calls `fail_next()`: the next job that enters raises `FailedOnPurpose` at once (as
-the models raising would), and is neither held nor recorded among the jobs that ran (`intervals`).
+the models raising would), and is neither held nor recorded among the jobs that ran (`intervals`). One that needs
+ZeroGPU to refuse a job calls `refuse_gpu_next()`: the next job raises the `spaces` package's own error, as its GPU
+call would on ZeroGPU, and is neither held nor recorded either.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -48,6 +51,7 @@ class StandInPipeline:
         self._every_step = False
         self._releases = threading.Semaphore(0)
         self._failing = 0  # jobs still to fail on purpose
+        self._refusals: deque[Exception] = deque()  # ZeroGPU's errors for the next jobs, in order
         _ALL.add(self)
 
     @property
@@ -71,6 +75,23 @@ class StandInPipeline:
         """The next `jobs` jobs that enter raise FailedOnPurpose at once."""
         with self._lock:
             self._failing += jobs
+
+    def refuse_gpu_next(
+        self,
+        title: str = "ZeroGPU quota exceeded",
+        message: str = "You have exceeded your free ZeroGPU quota (30s requested vs. 12s left). Try again in 0:14:02.",
+        html: str | None = None,
+    ) -> None:
+        """The next job that enters raises what the `spaces` package raises when ZeroGPU refuses a GPU call: a
+        gr.Error of this title and message, made by `spaces.zero.gradio.error`. With `html` (the message as HTML, as
+        ZeroGPU writes its queue timeout) the error is its HTMLError and the message an HTMLString whose `str()` is
+        `message`, as `spaces.zero.client` makes them."""
+        from spaces.zero.client import html_string
+        from spaces.zero.gradio import error
+
+        refusal = error(title, html_string(html, message), html=True) if html else error(title, message)
+        with self._lock:
+            self._refusals.append(refusal)
 
     def release(self, jobs: int = 1) -> None:
         """Let `jobs` held jobs (present or future) go on."""
@@ -104,6 +125,8 @@ class StandInPipeline:
         self, photo: Image.Image, prompt: str, seed: int, progress: Any = None
     ) -> tuple[np.ndarray, Image.Image]:
         with self._changed:
+            if self._refusals:
+                raise self._refusals.popleft()
             failing, self._failing = self._failing > 0, max(0, self._failing - 1)
         if failing:
             raise FailedOnPurpose("the test asked this job to fail")

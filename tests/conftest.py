@@ -79,7 +79,9 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if not (out / "done").exists():
             shutil.rmtree(out, ignore_errors=True)
             command = [sys.executable, str(ROOT / "scripts" / "make_tiny_models.py"), "--out", str(out)]
-            subprocess.run(command, check=True)
+            made = subprocess.run(command, capture_output=True, text=True, check=False)
+            assert made.returncode == 0, made.stdout + made.stderr
+            (out / "made.log").write_text(made.stdout + made.stderr)  # what it printed (tests/test_models.py)
             (out / "done").touch()
     return out
 

@@ -27,10 +27,10 @@ def test_a_photo_that_would_wait_longer_than_the_cap_is_refused_before_it_reache
         s.standin.wait_inside(1)
         held += [submit(visitor(s.front)) for _ in range(3)]  # one beside the GPU, two in the backend's queue
         figure = lambda: httpx.get(f"{s.front}backdrop/wait", verify=TLS).json()  # noqa: E731
-        full = lambda: figure()["ahead"] == 4 and (figure()["seconds"] or 0) >= 2 * CAP_S  # noqa: E731
-        wait_until(full, what=lambda: f"all four out, a line of twice the cap: {figure()}")
-        s.front_app.relay.wait_line.max_wait_s = CAP_S  # the promise, with the line at twice it
         pool = s.front_app.relay.pool
+        full = lambda: pool.backends[0].sent == 4 and (figure()["seconds"] or 0) >= 2 * CAP_S  # noqa: E731
+        wait_until(full, what=lambda: f"all four joined the backend's queue, a line of twice the cap: {figure()}")
+        s.front_app.relay.wait_line.max_wait_s = CAP_S  # the promise, with the line at twice it
         sent, entered = pool.backends[0].sent, s.standin.entered
         line = figure()
         with pytest.raises(AppError) as refused:

@@ -89,7 +89,7 @@ def front_jobs(**counts: float) -> dict[str, float]:
 
 def back_jobs(**counts: float) -> dict[str, float]:
     """The backend's job counters: these, and 0 for every other outcome and reason."""
-    outcomes = ["done", "failed", "cancelled", "refused bad_input", "refused queue_full"]
+    outcomes = ["done", "failed", "cancelled", "refused bad_input", "refused queue_full", "refused gpu_quota"]
     return {outcome: counts.get(outcome.replace(" ", "_"), 0) for outcome in outcomes}
 
 
@@ -170,6 +170,23 @@ def test_a_failed_job_a_full_queue_and_bad_input_sent_to_the_backend_are_counted
     assert now(back) == {"waiting": 0, "running": 0, "waits timed": 5, "runs timed": 4}
 
 
+def test_zerogpus_refusals_are_counted_as_refused_for_gpu_quota_not_failed(private_app):
+    with backend(private_app, 0.0) as back:  # warmed up: one job done
+        back.standin.refuse_gpu_next()  # "ZeroGPU quota exceeded"
+        back.standin.refuse_gpu_next("ZeroGPU queue timeout", "No GPU was available after 60s", html="<b>No GPU</b>")
+        back.standin.fail_next()
+        direct = Client(back.url, token=TOKEN, verbose=False, download_files=False, ssl_verify=TLS)
+        photo = base64.b64encode(EXAMPLE_PHOTO.read_bytes()).decode()
+        for sentence in ("Try again in 0:14:02", "No GPU was available after 60s", JOB_FAILED):
+            with pytest.raises(AppError, match=sentence):
+                direct.predict(photo, "casual", "female", api_name=API)
+        assert direct.predict(photo, "casual", "female", api_name=API)[3].startswith("Done")
+        figures = scrape(back.url, TOKEN)
+    assert jobs(figures) == back_jobs(done=2, failed=1, refused_gpu_quota=2)
+    # Every job that made its GPU call had its wait timed: the warm-up, the two refused, the failed one and the last.
+    assert now(figures) == {"waiting": 0, "running": 0, "waits timed": 5, "runs timed": 2}
+
+
 def test_a_killed_backends_jobs_are_all_sent_again_and_counted_by_what_they_did(private_app, public_app):
     other_port = free_port()
     with backend(private_app, 0.0) as (dying_url, dying_standin, dying):
@@ -231,25 +248,24 @@ def test_metrics_answer_only_the_maintainers_token_and_name_no_visitor(private_a
     assert counted == []  # no route, and nothing counted: no job of the front cost any counting
 
 
-def test_deploy_status_reads_both_apps_and_says_which_is_down(private_app, public_app, monkeypatch):
+def test_deploy_status_reads_both_apps_and_says_which_is_down(private_app, public_app, monkeypatch, capsys):
     import deploy
 
     monkeypatch.setenv("METRICS_TOKEN", METRICS_TOKEN)
     monkeypatch.setenv("BACKEND_TOKEN", TOKEN)
-    printed: list[str] = []
-    monkeypatch.setattr("builtins.print", lambda text="", **_: printed.append(str(text)))
     with stack(private_app, public_app, front=COUNTING) as s:
         assert done(submit(visitor(s.front)))
         # The visitor has the result a moment before the front counts the job over: wait for the count.
         wait_until(lambda: jobs(scrape(s.front, METRICS_TOKEN))["done"] == 1, what="the front to count the job done")
+        capsys.readouterr()  # read stdout itself: `status` prints with the `print` it was defined with, not a patch
         assert deploy.main(["status", "--frontend", s.front, "--backend", s.back]) == 0
-        screen = "\n".join(printed)
+        screen = capsys.readouterr().out
         assert f"frontend {s.front}: up · waiting 0 · running 0" in screen
         assert "since start: done 1, failed 0, lost 0, cancelled 0, refused 0" in screen
         assert "backend 1 of 1: up · share 100 % (1 jobs)" in screen
         assert f"backend {s.back}: up" in screen
         assert "since start: done 2" in screen  # the backend's warm-up and the job
+        assert "queue_full 0, gpu_quota 0)" in screen  # the backend counts ZeroGPU's refusals
         monkeypatch.setenv("BACKEND_TOKEN", "wrong")
-        printed.clear()
         assert deploy.main(["status", "--frontend", s.front, "--backend", s.back]) == 1
-        assert f"backend {s.back}: DOWN" in "\n".join(printed)
+        assert f"backend {s.back}: DOWN" in capsys.readouterr().out

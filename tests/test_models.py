@@ -80,6 +80,15 @@ def test_script_writes_both_folders_and_they_reload(tiny_models: Path) -> None:
     assert weights < 8_000_000  # CLIP's 49408-token embedding at hidden size 16, and its vocab.json and merges.txt
 
 
+def test_script_prints_what_it_wrote_and_nothing_about_torchvision(tiny_models: Path) -> None:
+    """transformers' notices that diffusers' pipelines name torchvision-only classes are left out (no_torchvision.py);
+    so are the progress bars of its saves."""
+    printed = (tiny_models / "made.log").read_text().splitlines()
+    assert [line.split(" (")[0] for line in printed] == [
+        f"wrote {tiny_models / name}" for name in ("segmentation", "background", "vae-tiny")
+    ]
+
+
 def test_script_is_deterministic(tiny_models: Path, tmp_path: Path) -> None:
     spec = importlib.util.spec_from_file_location("make_tiny_models", ROOT / "scripts" / "make_tiny_models.py")
     assert spec is not None

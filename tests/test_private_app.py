@@ -5,11 +5,14 @@ from __future__ import annotations
 import base64
 import io
 import itertools
+import json
 import struct
 import zlib
 
+import gradio as gr
 import httpx
 import pytest
+import spaces.zero.gradio
 from conftest import EXAMPLE_PHOTO, TLS, running, wait_until
 from gradio_client import Client
 from gradio_client.exceptions import AppError
@@ -140,6 +143,85 @@ def test_a_failing_pipeline_gives_a_sentence_one_log_line_and_no_traceback(priva
     assert "Traceback" not in logged
     assert "/secret/models" not in logged + str(raised.value)
     assert "A job failed with RuntimeError." in caplog.text
+
+
+QUOTA = "ZeroGPU quota exceeded"
+QUOTA_SENTENCE = "You have exceeded your free ZeroGPU quota (30s requested vs. 12s left). Try again in 0:14:02."
+# ZeroGPU's queue timeout, as spaces.zero.client writes it: HTML for its page, its plain text for everyone else.
+TIMEOUT = "ZeroGPU queue timeout"
+TIMEOUT_TEXT = (
+    "No GPU was available after 60s [Create a free account](https://huggingface.co/join) to get a higher priority "
+    "in ZeroGPU queues."
+)
+TIMEOUT_HTML = (
+    'No GPU was available after 60s. <a style="white-space: nowrap" href="https://huggingface.co/join">Create a free '
+    "account</a> to get a higher priority in ZeroGPU queues."
+)
+
+
+def completed(url: str, photo_b64: str, session: str) -> dict:
+    """One job joined and followed with raw httpx: the queue's `process_completed` message as Gradio sends it."""
+    config = httpx.get(f"{url}config", verify=TLS).json()
+    (fn_index,) = [dep["id"] for dep in config["dependencies"] if dep["api_name"] == "predict_api"]
+    body = {"data": [photo_b64, "casual", "male"], "session_hash": session, "fn_index": fn_index}
+    assert httpx.post(f"{url}gradio_api/queue/join", json=body, verify=TLS).status_code == 200
+    stream = httpx.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session}, verify=TLS)
+    with stream as lines:
+        for line in lines.iter_lines():
+            message = json.loads(line.removeprefix("data:")) if line.startswith("data:") else {}
+            if message.get("msg") == "process_completed":
+                return message
+    raise AssertionError("the queue's stream ended without process_completed")
+
+
+def test_a_zerogpu_refusal_reaches_the_caller_in_zerogpus_words(backend, standin, photo_b64, capfd, caplog):
+    standin.refuse_gpu_next(title=QUOTA, message=QUOTA_SENTENCE)
+    client = client_for(backend)
+    with pytest.raises(AppError) as raised:
+        client.predict(photo_b64, "casual", "male", api_name=API)
+    assert (raised.value.message, raised.value.title) == (QUOTA_SENTENCE, QUOTA)
+    standin.refuse_gpu_next(title=QUOTA, message=QUOTA_SENTENCE)
+    message = completed(backend, photo_b64, "zerogpu-refused")
+    assert message["success"] is False
+    assert (message["output"]["error"], message["output"]["title"], message["title"]) == (QUOTA_SENTENCE, QUOTA, QUOTA)
+    assert client.predict(photo_b64, "casual", "male", api_name=API)[3].startswith("Done")  # the next is served
+    assert len(standin.intervals) == 1  # the refused jobs never reached the pipeline
+    output = capfd.readouterr()
+    logged = caplog.text + output.out + output.err
+    assert caplog.text.count(f"ZeroGPU refused a job ({QUOTA}).") == 2
+    assert "12s left" not in logged  # the visitor's quota is theirs: not in the log
+    assert "Traceback" not in logged
+    assert "A job failed" not in caplog.text
+
+
+def test_zerogpus_html_refusal_reaches_the_caller_as_plain_text(backend, standin, photo_b64):
+    standin.refuse_gpu_next(title=TIMEOUT, message=TIMEOUT_TEXT, html=TIMEOUT_HTML)
+    message = completed(backend, photo_b64, "zerogpu-timeout")
+    assert (message["output"]["error"], message["output"]["title"]) == (TIMEOUT_TEXT, TIMEOUT)
+    standin.refuse_gpu_next(title=TIMEOUT, message=TIMEOUT_TEXT, html=TIMEOUT_HTML)
+    with pytest.raises(AppError) as raised:
+        client_for(backend).predict(photo_b64, "casual", "male", api_name=API)
+    assert (raised.value.message, raised.value.title) == (TIMEOUT_TEXT, TIMEOUT)
+    assert "<a" not in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("error", "passed_on"),
+    [
+        (spaces.zero.gradio.error(QUOTA, QUOTA_SENTENCE), True),
+        (spaces.zero.gradio.error("ZeroGPU client error", "No GPU was available"), True),
+        (spaces.zero.gradio.error("ZeroGPU worker error", "RuntimeError"), False),  # our models failed in the worker
+        (gr.Error("CUDA out of memory in /secret/models", title="ZeroG"), False),
+        (RuntimeError(QUOTA), False),
+    ],
+    ids=["quota", "client error", "worker error", "other gr.Error", "not a gr.Error"],
+)
+def test_only_zerogpus_refusals_are_passed_on(private_app, error, passed_on):
+    refusal = private_app.zerogpu_refusal(error)
+    if not passed_on:
+        assert refusal is None
+        return
+    assert (refusal.message, refusal.title, refusal.print_exception) == (error.message, error.title, False)
 
 
 def test_oversized_photo_is_refused_by_size(private_app, standin, photo_b64):

@@ -51,5 +51,6 @@ def test_run_local_serves_both_apps_and_ctrl_c_stops_both(tmp_path, tiny_models)
     assert port_is_free(back_port)
     output = log.read_text().split("Starting the private app", 1)[1]  # the apps' own logs, after the model build
     assert "Warm-up done" in output
+    assert "torchvision" not in output  # transformers' notices while diffusers is imported (no_torchvision.py)
     for secret in ("Bearer", str(tmp_path / "m"), "Traceback"):
         assert secret not in output
