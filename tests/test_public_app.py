@@ -15,6 +15,7 @@ import pytest
 from conftest import (
     EXAMPLE_PHOTO,
     ROOT,
+    TLS,
     TOKEN,
     Stack,
     free_port,
@@ -30,6 +31,7 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 from standin import StandInPipeline
+from test_hardening import raw_outputs
 
 from backends import Backends
 from relay import BUSY, UNAVAILABLE
@@ -345,3 +347,26 @@ def test_building_the_public_app_imports_no_torch():
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_a_zerogpu_refusal_reaches_the_visitor_in_zerogpus_words_and_the_next_one_is_served(
+    private_app, public_app, hub, monkeypatch
+):
+    """The stand-in raises what the `spaces` package raises when ZeroGPU refuses the GPU (its own `error(...)`)."""
+    hub.accounts["hf_grace_machine"] = "grace"  # the page has its sign-in button: Gradio's local mock signs in grace
+    monkeypatch.setenv("HF_TOKEN", "hf_grace_machine")
+    quota = "You have exceeded your free ZeroGPU quota (30s requested vs. 12s left). Try again in 0:14:02."
+    with stack(private_app, public_app, front={"sign_in": True, "metrics_token": "m-5b1f"}) as s:
+        s.standin.refuse_gpu_next(message=quota)
+        with pytest.raises(AppError) as refused:  # a Python caller: ZeroGPU's words as they are
+            submit(visitor(s.front)).result(timeout=60)
+        assert submit(visitor(s.front)).result(timeout=60)[2].startswith("Done in ")  # the next one is served
+        s.standin.refuse_gpu_next(message=quota)
+        with httpx.Client(base_url=s.front, headers={"x-gradio-user": "app"}, verify=TLS) as page:  # as the page runs
+            upload = page.post("gradio_api/upload", files={"files": (EXAMPLE_PHOTO.name, EXAMPLE_PHOTO.read_bytes())})
+            on_page = raw_outputs(page, upload.json()[0])[2]  # the page: its status line, the pictures kept
+        counted = httpx.get(f"{s.front}metrics", headers={"authorization": "Bearer m-5b1f"}, verify=TLS).text
+    assert str(refused.value) == quota
+    assert on_page == f"{quota} Sign in with Hugging Face for a GPU quota of your own."
+    assert 'backdrop_jobs_total{outcome="refused",reason="gpu_quota"} 2.0' in counted
+    assert 'backdrop_jobs_total{outcome="failed",reason=""} 0.0' in counted
