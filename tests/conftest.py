@@ -13,15 +13,20 @@ import contextlib
 import fcntl
 import importlib.util
 import inspect
+import io
+import json
 import os
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import uuid
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +38,10 @@ from hub_standin import HUB, StandInHub  # first: huggingface_hub reads HF_ENDPO
 # isort: split
 import httpx
 import pytest
-from gradio_client import Client
+from gradio_client import Client, handle_file
+from gradio_client.client import Job
+from gradio_client.exceptions import AppError
+from PIL import Image
 
 if TYPE_CHECKING:
     from standin import StandInPipeline
@@ -43,6 +51,7 @@ if TYPE_CHECKING:
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PHOTO = ROOT / "public_space" / "examples" / "astronaut.png"
 TOKEN = "hf_relay-test-token-5b1f"  # the private app's token in tests that run both apps
+API = "/predict_api"
 
 # No test may reach the Hub or use a real token.
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -261,6 +270,78 @@ def visitor(url: str, headers: dict[str, str] | None = None, **options) -> Clien
 @pytest.fixture
 def photo_b64() -> str:
     return base64.b64encode(EXAMPLE_PHOTO.read_bytes()).decode()
+
+
+# What a test does as a caller, and reads of what it was told (one copy each, for every test file).
+
+
+def submit(client: Client, category: str = "casual", gender: str = "female") -> Job:
+    """The example photo sent by `client` (a `visitor`), as `gradio_client`'s submit: its job."""
+    return client.submit(handle_file(str(EXAMPLE_PHOTO)), category, gender, api_name=API)
+
+
+def statuses(job: Job) -> list[str]:
+    """Every status line the job's caller was sent, in order."""
+    return [output[2] for output in job.outputs()]
+
+
+def latest(job: Job) -> str:
+    """The last status line the job's caller was sent ("" before any)."""
+    return (statuses(job) or [""])[-1]
+
+
+def outcome(job: Job) -> str:
+    """'Done', or the sentence the job's caller was told instead."""
+    try:
+        return "Done" if job.result(timeout=WAIT_S)[2].startswith("Done") else "not done"
+    except AppError as error:
+        return str(error)
+
+
+def raw_outputs(raw: httpx.Client, path: str, category: str = "casual", gender: str = "male") -> list:
+    """The outputs (overlay, result, status) of one run on an uploaded photo's server path, made the way the page
+    makes it (queue join, then the stream); RuntimeError(its error) if it failed, RuntimeError("") if it never
+    completed."""
+    fn = next(dep["id"] for dep in raw.get("config").json()["dependencies"] if dep["api_name"] == "predict_api")
+    session = uuid.uuid4().hex
+    photo = {"path": path, "meta": {"_type": "gradio.FileData"}}
+    body = {"data": [photo, category, gender], "fn_index": fn, "session_hash": session}
+    raw.post("gradio_api/queue/join", json=body)
+    with raw.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as stream:
+        for line in stream.iter_lines():
+            message = json.loads(line[5:]) if line.startswith("data:") else {}
+            if message.get("msg") == "process_completed":
+                output = message["output"]
+                if output.get("error") or not message.get("success"):
+                    raise RuntimeError(output.get("error") or "")
+                return output["data"]
+    raise RuntimeError("")
+
+
+def raw_call(raw: httpx.Client, path: str, category: str = "casual", gender: str = "male") -> str:
+    """`raw_outputs`' last status line, or the error it got."""
+    try:
+        return raw_outputs(raw, path, category, gender)[2]
+    except RuntimeError as error:
+        return str(error)
+
+
+def png_b64(image: Image.Image, fmt: str = "PNG") -> str:
+    """An image, encoded as `fmt` and base64: a photo as the private app takes it."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims `width`×`height` pixels and holds (almost) none: what a decompression bomb looks like before
+    any pixel is decoded."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
 
 
 # Several backends behind one front (tests/test_backends.py, tests/test_metrics.py).

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import EXAMPLE_PHOTO, TLS, TOKEN, front_app, running, stack, wait_until
-from gradio_client import Client, handle_file
+from conftest import API, EXAMPLE_PHOTO, TLS, TOKEN, front_app, raw_outputs, running, stack, submit, wait_until
+from gradio_client import Client
 from gradio_client.exceptions import AppError
-from test_hardening import raw_outputs
 
 from accounts import Accounts
 from backends import Backends
 
-API = "/predict_api"
 SHARES = {"max_jobs_per_visitor": 1, "visitor_rate": "", "account_max_jobs": 1, "account_rate": ""}
 BUSY = "You already have 1 photo in line. Please wait until one is done."
 
@@ -22,10 +20,6 @@ BUSY = "You already have 1 photo in line. Please wait until one is done."
 def caller(url: str, token: str | bool = False) -> Client:
     """A Python caller, with its Hugging Face token (`token=`, as the README shows) or none."""
     return Client(url, token=token, verbose=False, ssl_verify=TLS)
-
-
-def submit(client: Client):
-    return client.submit(handle_file(str(EXAMPLE_PHOTO)), "casual", "male", api_name=API)
 
 
 def refusal(job) -> str:

@@ -14,40 +14,26 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import (
-    EXAMPLE_PHOTO,
     backend,
     free_port,
     front_app,
     kill,
+    latest,
     load_app,
+    outcome,
     pool,
     queued,
     running,
+    submit,
     visitor,
     wait_until,
 )
-from gradio_client import handle_file
-from gradio_client.exceptions import AppError
 from standin import StandInPipeline
 
 import backends
 import relay
 from backends import Backends, Figures, SentJob
 from relay import FAILED
-
-API = "/predict_api"
-
-
-def submit(front: str):
-    return visitor(front).submit(handle_file(str(EXAMPLE_PHOTO)), "casual", "female", api_name=API)
-
-
-def outcome(job) -> str:
-    """'Done' or the sentence the visitor got."""
-    try:
-        return "Done" if job.result(timeout=60)[2].startswith("Done") else "other"
-    except AppError as error:
-        return str(error)
 
 
 def jobs_run(standin: StandInPipeline, warmed: bool = True) -> int:
@@ -60,7 +46,7 @@ def test_two_backends_share_the_work_and_the_slower_one_gets_fewer_jobs(private_
         backend(private_app, 0.6) as (slow_url, slow, _),
         running(front_app(public_app, pool(slow_url, fast_url)), public_app.serve) as front,
     ):
-        jobs = [submit(front) for _ in range(10)]
+        jobs = [submit(visitor(front)) for _ in range(10)]
         outcomes = [outcome(job) for job in jobs]
         statuses = [[output[2] for output in job.outputs()] for job in jobs]
     assert outcomes == ["Done"] * 10
@@ -78,14 +64,14 @@ def test_a_down_backend_is_skipped_unnoticed_and_used_again_once_it_answers(priv
     with backend(private_app, 0.1) as (live_url, live, _):
         backends.backends[1].target = live_url
         with running(front_app(public_app, backends), public_app.serve) as front:
-            first = submit(front)
+            first = submit(visitor(front))
             assert outcome(first) == "Done"  # the first choice (nothing listening) was skipped
             assert not any("Waking" in output[2] for output in first.outputs())
             assert backends.backends[0].down
             assert jobs_run(live) == 1
             with backend(private_app, 0.1, port=dead_port) as (_, revived, _):
                 wait_until(lambda: not backends.backends[0].down)  # probed in the background
-                assert outcome(submit(front)) == "Done"
+                assert outcome(submit(visitor(front))) == "Done"
                 assert jobs_run(revived) == 1  # idle and first in the list: it took the job
     assert jobs_run(live) == 1
 
@@ -120,11 +106,13 @@ def test_a_backend_answering_an_unexpected_error_is_skipped_and_the_job_done_on_
     with answering(405) as (odd_url, asked), backend(private_app, 0.1) as (live_url, live, _):
         backends = pool(odd_url, live_url)
         with running(front_app(public_app, backends), public_app.serve) as front:
-            assert outcome(submit(front)) == "Done"  # the first choice answered 405: the job went on to the other
+            assert (
+                outcome(submit(visitor(front))) == "Done"
+            )  # the first choice answered 405: the job went on to the other
         assert asked == ["/config"]
         assert backends.backends[0].down
         with running(front_app(public_app, pool(odd_url)), public_app.serve) as front:
-            assert outcome(submit(front)) == FAILED  # no other backend: the visitor gets the sentence
+            assert outcome(submit(visitor(front))) == FAILED  # no other backend: the visitor gets the sentence
     assert jobs_run(live) == 1
 
 
@@ -135,12 +123,12 @@ def test_a_backend_closed_mid_run_loses_no_job_the_other_takes_them_all(private_
         backends = pool(dying_url, f"http://127.0.0.1:{other_port}/", retry_after=0.2)
         dying_standin.hold()
         with running(front_app(public_app, backends), public_app.serve) as front:
-            jobs = [submit(front) for _ in range(3)]  # nothing listens at the other yet: all go here
+            jobs = [submit(visitor(front)) for _ in range(3)]  # nothing listens at the other yet: all go here
             wait_until(lambda: dying_standin.inside == 1 and queued(dying_url) == 1)  # on its GPU, beside, queued
             with backend(private_app, 0.2, port=other_port) as (_, other, _):
                 other.hold()
                 wait_until(lambda: not backends.backends[1].down)  # probed in the background: it takes jobs
-                jobs += [submit(front) for _ in range(3)]  # at least the first goes to the idle one
+                jobs += [submit(visitor(front)) for _ in range(3)]  # at least the first goes to the idle one
                 wait_until(lambda: other.inside == 1)
                 # The front heard that work began on both GPUs' jobs.
                 wait_until(lambda: sum("Painting the backdrop" in latest(job) for job in jobs) == 2)
@@ -204,7 +192,7 @@ def test_stop_cancels_only_that_visitors_job_on_the_backend_that_holds_it(privat
         b.hold()
         jobs = []
         for _ in range(6):  # one at a time, each once it is placed: two held on the GPUs, two next to them, two queued
-            jobs.append(submit(front))
+            jobs.append(submit(visitor(front)))
             wait_until(lambda: placed(jobs[-1]), what="the job placed on a backend")
         in_line = lambda: [job for job in jobs if "in line" in latest(job)]  # noqa: E731
         waiting = lambda: {url: queued(url) for url in (a_url, b_url)}  # noqa: E731
@@ -227,11 +215,6 @@ def test_stop_cancels_only_that_visitors_job_on_the_backend_that_holds_it(privat
 def placed(job) -> bool:
     """The backend has the job: its visitor is told a place in its queue or that work on it began."""
     return any(words in latest(job) for words in ("in line", "Working on your photo"))
-
-
-def latest(job) -> str:
-    outputs = job.outputs()
-    return outputs[-1][2] if outputs else ""
 
 
 def test_a_backend_whose_jobs_are_past_their_announced_time_still_counts_them():

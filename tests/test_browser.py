@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE_PHOTO, WAIT_S, stack, visitor, wait_until
+from conftest import API, EXAMPLE_PHOTO, WAIT_S, stack, visitor, wait_until
 from gradio_client import handle_file
 from playwright.sync_api import expect, sync_playwright
 
@@ -22,7 +22,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-API = "/predict_api"
 PAGE_WAIT_MS = int(WAIT_S * 1000)  # how long the page may take to show a state before the test calls it broken
 DESKTOP = {"width": 1280, "height": 900}
 PHONE = {"width": 390, "height": 844}

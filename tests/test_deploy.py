@@ -9,10 +9,8 @@ request, so "nothing was sent" is checked, not assumed.
 
 from __future__ import annotations
 
-import base64
 import functools
 import hashlib
-import io
 import json
 import os
 import re
@@ -26,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from conftest import png_b64
 from huggingface_hub import SpaceRuntime
 from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -653,19 +652,16 @@ def test_wait_and_report_prints_the_logs_tail_and_fails(
 # --- the smoke test's checks, and --help -------------------------------------------------------------------------
 
 
-def png_b64(fmt: str = "PNG") -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (4, 4), "red").save(buffer, format=fmt)
-    return base64.b64encode(buffer.getvalue()).decode()
+RED = Image.new("RGB", (4, 4), "red")
 
 
 def test_backend_outputs_must_be_the_photo_two_base64_webps_and_a_status() -> None:
     photo = functools.partial(deploy_plan.b64_image_problem, formats=deploy_plan.PHOTO_FORMATS)
     checks = [photo, deploy_plan.b64_image_problem, deploy_plan.b64_image_problem]
-    webp, jpeg = png_b64("WEBP"), png_b64("JPEG")
+    webp, jpeg = png_b64(RED, "WEBP"), png_b64(RED, "JPEG")
     assert deploy_plan.check_outputs((jpeg, f"data:image/webp;base64,{webp}", webp, "Done in 1.2 s"), checks) == []
     assert deploy_plan.check_outputs((webp, webp, "Done"), checks) == ["expected 4 outputs, got tuple 3"]
-    problems = deploy_plan.check_outputs((webp, "not base64!", png_b64("PNG"), ""), checks)
+    problems = deploy_plan.check_outputs((webp, "not base64!", png_b64(RED, "PNG"), ""), checks)
     assert problems == [
         "output 1: does not decode to an image (Error)",
         "output 2: a PNG image, not WEBP",

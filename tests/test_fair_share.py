@@ -8,14 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import pytest
-from conftest import EXAMPLE_PHOTO, TOKEN, front_app, running, stack, visitor, wait_until
-from gradio_client import handle_file
+from conftest import API, TOKEN, front_app, running, stack, statuses, submit, visitor, wait_until
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
 from visitors import Callers, FairShare, Share, TurnedAway, address_of
-
-API = "/predict_api"
 
 
 def request(*forwarded_for: str, peer: str = "10.1.2.3", username: str | None = None, session: dict | None = None):
@@ -187,14 +184,6 @@ def test_a_flooder_gets_two_places_and_the_next_visitor_is_at_most_third(private
     assert places
     at_most_third = ("You are next in line", "You are 2nd in line", "You are 3rd in line")
     assert all(line.startswith(at_most_third) for line in places), places
-
-
-def submit(client):
-    return client.submit(handle_file(str(EXAMPLE_PHOTO)), "casual", "male", api_name=API)
-
-
-def statuses(job) -> list[str]:
-    return [output[2] for output in job.outputs()]
 
 
 def test_a_cancelled_job_gives_its_slot_back(private_app, public_app):

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import EXAMPLE_PHOTO, Clock, front_app, running, stack, wait_until
-from test_hardening import raw_outputs
+from conftest import EXAMPLE_PHOTO, Clock, front_app, raw_outputs, running, stack, wait_until
 
 KEEP_S = 10  # keep_files_s here: the sweep then runs every 2.5 s (files.py); the files' time is a Clock
 ONE = {"X-Forwarded-For": "198.51.100.1"}  # visitors told apart by the address a proxy appends (trusted_proxy_hops)

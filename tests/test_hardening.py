@@ -6,33 +6,36 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import os
 import threading
-import uuid
-import zlib
 from pathlib import Path
 
 import gradio as gr
 import httpx
 import pytest
-from conftest import EXAMPLE_PHOTO, ROOT, TOKEN, WAIT_S, Clock, front_app, running, stack, visitor, wait_until
+from conftest import (
+    API,
+    EXAMPLE_PHOTO,
+    ROOT,
+    TOKEN,
+    WAIT_S,
+    Clock,
+    front_app,
+    png_header_only,
+    raw_call,
+    running,
+    stack,
+    visitor,
+    wait_until,
+)
 from gradio_client import handle_file
 from PIL import Image, JpegImagePlugin
 
 import photos
 from photo_rules import PhotoError
 
-API = "/predict_api"
 KEEP_S = 10  # keep_files_s of the tests below: time they spend on a clock of their own (conftest.Clock)
 LIMITS = {"max_pixels": 40_000_000, "max_bytes": 10 * 2**20}
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims a size in its header and holds (almost) nothing: what a decompression bomb looks like."""
-    ihdr = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
-    chunk = b"IHDR" + ihdr
-    return b"\x89PNG\r\n\x1a\n" + len(ihdr).to_bytes(4, "big") + chunk + zlib.crc32(chunk).to_bytes(4, "big")
 
 
 def animated_gif() -> bytes:
@@ -200,34 +203,6 @@ def test_uploads_and_results_leave_the_disk_keep_files_s_after_their_last_use(
             files.clock.now += KEEP_S
             wait_until(lambda: not files_in(cache))  # ... are gone after keep_files_s
             assert raw_call(raw, upload) == photos.UPLOAD_AGAIN
-
-
-def raw_call(raw: httpx.Client, path: str, category: str = "casual", gender: str = "male") -> str:
-    """One call with a server path as the photo, the way a browser makes it; returns the last status or error."""
-    try:
-        return raw_outputs(raw, path, category, gender)[2]
-    except RuntimeError as error:
-        return str(error)
-
-
-def raw_outputs(raw: httpx.Client, path: str, category: str = "casual", gender: str = "male") -> list:
-    """The outputs (overlay, result, status) of one such call; RuntimeError(its error) if it failed, or ("")
-    if it never completed."""
-    fn = next(dep["id"] for dep in raw.get("config").json()["dependencies"] if dep["api_name"] == "predict_api")
-    session = uuid.uuid4().hex
-    photo = {"path": path, "meta": {"_type": "gradio.FileData"}}
-    raw.post(
-        "gradio_api/queue/join", json={"data": [photo, category, gender], "fn_index": fn, "session_hash": session}
-    )
-    with raw.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as stream:
-        for line in stream.iter_lines():
-            message = json.loads(line[5:]) if line.startswith("data:") else {}
-            if message.get("msg") == "process_completed":
-                output = message["output"]
-                if output.get("error") or not message.get("success"):
-                    raise RuntimeError(output.get("error") or "")
-                return output["data"]
-    raise RuntimeError("")
 
 
 def test_a_shared_photo_stays_while_either_of_its_visitors_uses_it(private_app, public_app, tmp_path, monkeypatch):

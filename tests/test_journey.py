@@ -8,16 +8,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import EXAMPLE_PHOTO, TLS, Clock, stack, visitor, wait_until
+from conftest import API, EXAMPLE_PHOTO, TLS, Clock, raw_call, raw_outputs, stack, visitor, wait_until
 from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
-from test_hardening import raw_call, raw_outputs
 
 from files import Files, too_many_uploads
 from photos import UPLOAD_AGAIN
 
-API = "/predict_api"
 ONE = "198.51.100.1"
 OTHER = "198.51.100.2"
 

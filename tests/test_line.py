@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from conftest import EXAMPLE_PHOTO, TLS, stack, visitor, wait_until
-from gradio_client import handle_file
+from conftest import TLS, stack, submit, visitor, wait_until
 from gradio_client.exceptions import AppError
 
 import waiting
 from wording import about
 
-API = "/predict_api"
 CAP_S = 1.5  # the promise; each stand-in job takes 1 s, so four held jobs make a line of about twice it
-
-
-def submit(client):
-    return client.submit(handle_file(str(EXAMPLE_PHOTO)), "casual", "male", api_name=API)
 
 
 def test_a_photo_that_would_wait_longer_than_the_cap_is_refused_before_it_reaches_a_backend(private_app, public_app):

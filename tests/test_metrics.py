@@ -11,6 +11,7 @@ import base64
 import httpx
 import pytest
 from conftest import (
+    API,
     EXAMPLE_PHOTO,
     TLS,
     TOKEN,
@@ -18,6 +19,7 @@ from conftest import (
     free_port,
     front_app,
     kill,
+    outcome,
     pool,
     queued,
     running,
@@ -32,7 +34,6 @@ from prometheus_client.parser import text_string_to_metric_families
 import front_metrics
 from relay import BUSY
 
-API = "/predict_api"
 METRICS_TOKEN = "metrics-test-token-7c2e"
 COUNTING = {"metrics_token": METRICS_TOKEN}  # the public app counts only with a metrics token
 JOB_FAILED = "Something went wrong while processing the photo."  # the backend's sentence for a failed job
@@ -101,14 +102,6 @@ def done(job) -> bool:
     return job.result(timeout=60)[2].startswith("Done")
 
 
-def ended(job) -> str:
-    """'Done', or the sentence its visitor was told."""
-    try:
-        return "Done" if done(job) else "not done"
-    except AppError as error:
-        return str(error)
-
-
 def painting(job) -> bool:
     """Its visitor was told that work on the picture began (the front will not send it elsewhere)."""
     return any("Painting the backdrop" in output[2] for output in job.outputs())
@@ -119,19 +112,19 @@ def test_every_counter_is_exact_after_a_known_sequence(private_app, public_app, 
     with stack(private_app, public_app, front={**fair, **COUNTING}) as s:
         you = visitor(s.front)
         assert done(submit(you))  # done 1 (rate: 1 of 4)
-        assert "Unknown category" in ended(submit(you, "nope"))  # bad input, before the fair share
+        assert "Unknown category" in outcome(submit(you, "nope"))  # bad input, before the fair share
         s.standin.hold()
         held = submit(you)  # rate: 2 of 4
         s.standin.wait_inside(1)
         wait_until(lambda: now(scrape(s.front, METRICS_TOKEN))["running"] == 1)  # the front heard it start
-        assert "in line" in ended(submit(you))  # fair share: one job at once
+        assert "in line" in outcome(submit(you))  # fair share: one job at once
         held.cancel()
         wait_until(lambda: jobs(scrape(s.front, METRICS_TOKEN))["cancelled"] == 1)
         s.standin.release_all()
         wait_until(lambda: jobs(scrape(s.back, TOKEN))["cancelled"] == 1)
         for _ in range(2):  # rate: 3 and 4 of 4
             assert done(submit(you))
-        assert "too many photos" in ended(submit(you))  # rate
+        assert "too many photos" in outcome(submit(you))  # rate
         front, back = scrape(s.front, METRICS_TOKEN), scrape(s.back, TOKEN)
     assert jobs(front) == front_jobs(done=3, cancelled=1, refused_fair_share=1, refused_rate=1, refused_bad_input=1)
     # Waits: the three done and the cancelled one started; runs: the three done.
@@ -144,7 +137,7 @@ def test_every_counter_is_exact_after_a_known_sequence(private_app, public_app, 
 def test_a_failed_job_a_full_queue_and_bad_input_sent_to_the_backend_are_counted_exactly(private_app, public_app):
     with stack(private_app, public_app, front=COUNTING, queue_max_size=1) as s:
         s.standin.fail_next()
-        assert JOB_FAILED in ended(submit(visitor(s.front)))  # failed on the backend's GPU
+        assert JOB_FAILED in outcome(submit(visitor(s.front)))  # failed on the backend's GPU
         s.standin.hold()
         held = [submit(visitor(s.front))]  # on the GPU
         s.standin.wait_inside(1)
@@ -152,7 +145,7 @@ def test_a_failed_job_a_full_queue_and_bad_input_sent_to_the_backend_are_counted
         wait_until(lambda: now(scrape(s.back, TOKEN))["running"] == 2)
         held.append(submit(visitor(s.front)))  # the one place in the backend's queue
         wait_until(lambda: queued(s.back) == 1)
-        assert ended(submit(visitor(s.front))) == BUSY  # queue full
+        assert outcome(submit(visitor(s.front))) == BUSY  # queue full
         s.standin.release_all()
         assert all(done(job) for job in held)
         # Straight to the backend: inputs the front would refuse.
@@ -201,7 +194,7 @@ def test_a_killed_backends_jobs_are_all_sent_again_and_counted_by_what_they_did(
                 assert done(submit(visitor(front)))  # the idle one takes the next job
                 before = scrape(dying_url, TOKEN)
                 kill(dying)  # its job on the GPU is held
-                outcomes = [ended(job) for job in sent]
+                outcomes = [outcome(job) for job in sent]
                 figures, back = scrape(front, METRICS_TOKEN), scrape(other_url, TOKEN)
     assert outcomes == ["Done"] * 3
     assert jobs(before) == back_jobs(done=1)  # the dying backend, before it died: its warm-up

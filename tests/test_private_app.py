@@ -6,46 +6,26 @@ import base64
 import io
 import itertools
 import json
-import struct
-import zlib
 
 import gradio as gr
 import httpx
 import pytest
 import spaces.zero.gradio
-from conftest import EXAMPLE_PHOTO, TLS, running, wait_until
+from conftest import API, EXAMPLE_PHOTO, TLS, png_b64, png_header_only, running, wait_until
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
 from standin import StandInPipeline
-
-API = "/predict_api"
 
 
 def client_for(url: str, token: str | bool = False) -> Client:
     return Client(url, token=token, verbose=False, download_files=False, ssl_verify=TLS)
 
 
-def png_b64(image: Image.Image, fmt: str = "PNG") -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 def decode(b64: str, fmt: str = "WEBP") -> Image.Image:
     image = Image.open(io.BytesIO(base64.b64decode(b64)))
     assert image.format == fmt
     return image
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG that claims `width`×`height` pixels: a decompression bomb as far as its header goes."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b"")
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import gradio as gr
 import httpx
 import pytest
 from conftest import (
+    API,
     EXAMPLE_PHOTO,
     ROOT,
     TLS,
@@ -21,31 +22,25 @@ from conftest import (
     free_port,
     front_app,
     kill,
+    latest,
     queued,
+    raw_outputs,
     running,
     stack,
+    statuses,
+    submit,
     visitor,
     wait_until,
 )
-from gradio_client import Client, handle_file
+from gradio_client import handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 from standin import StandInPipeline
-from test_hardening import raw_outputs
 
 from backends import Backends
 from relay import BUSY, UNAVAILABLE
 
 RESTARTING = "The image service is restarting · your photo is kept"
-API = "/predict_api"
-
-
-def submit(client: Client, category: str = "casual", gender: str = "female"):
-    return client.submit(handle_file(str(EXAMPLE_PHOTO)), category, gender, api_name=API)
-
-
-def statuses(job) -> list[str]:
-    return [output[2] for output in job.outputs()]
 
 
 def fill_the_gpu(s: Stack) -> list:
@@ -257,11 +252,6 @@ def test_a_running_job_outlives_its_backends_restart_and_the_visitor_is_told_mea
         finally:
             kill(back_again)
     assert revived.entered == 1  # the new build ran it
-
-
-def latest(job) -> str:
-    outputs = job.outputs()
-    return outputs[-1][2] if outputs else ""
 
 
 def test_missing_configuration_is_said_on_the_page_and_in_the_log(public_app, caplog):

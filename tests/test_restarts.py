@@ -10,8 +10,19 @@ import gc
 from collections.abc import Iterator
 
 import pytest
-from conftest import EXAMPLE_PHOTO, TOKEN, free_port, front_app, kill, running, visitor, wait_until
-from gradio_client import handle_file
+from conftest import (
+    EXAMPLE_PHOTO,
+    TOKEN,
+    free_port,
+    front_app,
+    kill,
+    latest,
+    running,
+    statuses,
+    submit,
+    visitor,
+    wait_until,
+)
 from gradio_client.exceptions import AppError
 from standin import StandInPipeline
 
@@ -19,20 +30,7 @@ import photos
 from backends import Backends
 from relay import REPEAT_CRASH
 
-API = "/predict_api"
 RESTARTING = "The image service is restarting · your photo is kept"
-
-
-def submit(client):
-    return client.submit(handle_file(str(EXAMPLE_PHOTO)), "casual", "male", api_name=API)
-
-
-def lines(job) -> list[str]:
-    return [output[2] for output in job.outputs()]
-
-
-def latest(job) -> str:
-    return (lines(job) or [""])[-1]
 
 
 def at_the_backend(pool: Backends, *jobs, out: int) -> bool:
@@ -82,7 +80,9 @@ def test_a_waiting_job_and_a_running_job_outlive_their_backends_restart(private_
     assert again.entered == 3  # each job ran on the backend that came back
     assert (pool.resends.running, pool.resends.waiting) == (1, 2)
     for job in (beside, queued):  # told their place again once it was back, never that work on them was lost
-        after = lines(job)[lines(job).index(next(line for line in lines(job) if line.startswith(RESTARTING))) :]
+        after = statuses(job)[
+            statuses(job).index(next(line for line in statuses(job) if line.startswith(RESTARTING))) :
+        ]
         assert any(" in line" in line or line.startswith("Working") for line in after), after
 
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-from conftest import EXAMPLE_PHOTO, TOKEN, free_port, front_app, kill, running, stack, visitor
+from conftest import API, EXAMPLE_PHOTO, TOKEN, free_port, front_app, kill, raw_call, running, stack, visitor
 from gradio_client import handle_file
 from PIL import Image
 from standin import StandInPipeline
@@ -21,7 +19,6 @@ from photos import UPLOAD_AGAIN
 from relay import BUILD_HEADER, Finished
 from results import AGAIN, EVERYONE, Results
 
-API = "/predict_api"
 CACHE = {"result_cache_entries": 8, "trusted_proxy_hops": 1}  # visitors told apart by X-Forwarded-For
 
 
@@ -80,22 +77,6 @@ def test_a_cached_answer_still_checks_the_input_and_whose_upload_it_is(private_a
 
 
 IPS = ("203.0.113.1", "203.0.113.2")
-
-
-def raw_call(raw: httpx.Client, path: str, category: str = "casual") -> str:
-    """One call with a server path as the photo, as a browser makes it; returns the last status or the error."""
-    fn = next(dep["id"] for dep in raw.get("config").json()["dependencies"] if dep["api_name"] == "predict_api")
-    session = uuid.uuid4().hex
-    photo = {"path": path, "meta": {"_type": "gradio.FileData"}}
-    body = {"data": [photo, category, "male"], "fn_index": fn, "session_hash": session}
-    raw.post("gradio_api/queue/join", json=body)
-    with raw.stream("GET", "gradio_api/queue/data", params={"session_hash": session}) as stream:
-        for line in stream.iter_lines():
-            message = json.loads(line[5:]) if line.startswith("data:") else {}
-            if message.get("msg") == "process_completed":
-                output = message["output"]
-                return output.get("error") or output["data"][2]
-    return ""
 
 
 @contextlib.contextmanager
