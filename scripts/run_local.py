@@ -92,6 +92,7 @@ def main() -> int:
         print(f"Starting the private app on {backend_url} (loading models)…", flush=True)
         wait_ready(f"{backend_url}config", processes[0], args.timeout, {"Authorization": f"Bearer {token}"})
         public_env = env | {"BACKEND": backend_url, "HF_TOKEN": token, "GRADIO_SERVER_PORT": str(args.port)}
+        public_env["TRUSTED_PROXY_HOPS"] = "0"  # no proxy in front here: a caller's X-Forwarded-For names no one
         public_env.pop("SEGMENTATION_MODEL", None)
         public_env.pop("BACKGROUND_MODEL", None)
         processes.append(subprocess.Popen([sys.executable, "app.py"], cwd=ROOT / "public_space", env=public_env))

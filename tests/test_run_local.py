@@ -12,6 +12,7 @@ import httpx
 import pytest
 from conftest import EXAMPLE_PHOTO, ROOT, TLS, free_port
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 from PIL import Image
 
 
@@ -42,6 +43,11 @@ def test_run_local_serves_both_apps_and_ctrl_c_stops_both(tmp_path, tiny_models)
         for path in (overlay, result):
             assert Image.open(path).size == (512, 512)
         assert status.startswith("Done in ")
+        # No proxy in front: a caller who writes X-Forwarded-For is still its socket's address, whose share
+        # (VISITOR_RATE, 6 a minute by default) these photos spend, each "from" an address of its own.
+        said = [forged(front_port, f"203.0.113.{i}") for i in range(6)]
+        assert said[:5] == ["Done"] * 5
+        assert said[5].startswith("You have sent too many photos in the last minute."), said
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
     finally:
@@ -54,3 +60,20 @@ def test_run_local_serves_both_apps_and_ctrl_c_stops_both(tmp_path, tiny_models)
     assert "torchvision" not in output  # transformers' notices while diffusers is imported (no_torchvision.py)
     for secret in ("Bearer", str(tmp_path / "m"), "Traceback"):
         assert secret not in output
+
+
+def forged(port: int, address: str) -> str:
+    """A run whose caller claims an address in X-Forwarded-For: 'Done', or the sentence it got."""
+    client = Client(
+        f"http://127.0.0.1:{port}/", token=False, verbose=False, ssl_verify=TLS, headers={"X-Forwarded-For": address}
+    )
+    try:
+        return (
+            "Done"
+            if client.predict(handle_file(str(EXAMPLE_PHOTO)), "formal", "male", api_name="/predict_api")[
+                2
+            ].startswith("Done")
+            else "not done"
+        )
+    except AppError as error:
+        return str(error)
