@@ -132,7 +132,8 @@ class EndpointGuard:
             elif refusal is None:
                 await self._serve(scope, receive, send)
             else:
-                self.log.note(str(refusal[0]), "Refused %s %s: %s", scope["method"], _shown(scope), refusal[1])
+                if scope["method"] != "HEAD":  # Gradio's own launch() checks the page with one, on every start
+                    self.log.note(str(refusal[0]), "Refused %s %s: %s", scope["method"], _shown(scope), refusal[1])
                 await _reply(scope, receive, send, *refusal)
 
     async def _serve(self, scope: Scope, receive: Receive, send: Send) -> None:
