@@ -62,6 +62,10 @@ class WaitLine:
         if self.pool is None:
             return {"ahead": 0, "seconds": None, "closed": False, "text": ""}
         ahead, seconds = sum(len(one.figures.jobs) for one in self.pool.backends), self.seconds()
+        if waiting := len(self.pool.line):  # photos no backend has taken yet: each is away (asleep, restarting)
+            photos = "1 photo waits" if waiting == 1 else f"{waiting} photos wait"
+            text = f"The image service is starting · {photos} for it"
+            return {"ahead": ahead + waiting, "seconds": None, "closed": False, "text": text}
         if self.closed(seconds):
             text = f"The line is closed for now: a photo sent now would be done in {self.about(seconds)}"
         elif not ahead:

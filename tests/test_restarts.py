@@ -9,9 +9,11 @@ import contextlib
 import gc
 from collections.abc import Iterator
 
+import httpx
 import pytest
 from conftest import (
     EXAMPLE_PHOTO,
+    TLS,
     TOKEN,
     free_port,
     front_app,
@@ -72,12 +74,15 @@ def test_a_waiting_job_and_a_running_job_outlive_their_backends_restart(private_
         kill(back)  # a restart: the process goes, its streams are cut
         jobs = (running_job, beside, queued)
         wait_until(lambda: all(latest(job).startswith(RESTARTING) for job in jobs), what=lambda: [*map(latest, jobs)])
+        line = httpx.get(f"{front}backdrop/wait", verify=TLS).json()  # what a visitor about to press Run reads
     first.release_all()
     again = StandInPipeline()
     with backend_at(private_app, port, again):
         outcomes = [job.result(timeout=60)[2] for job in jobs]
     assert [outcome[:8] for outcome in outcomes] == ["Done in "] * 3
     assert again.entered == 3  # each job ran on the backend that came back
+    starting = "The image service is starting · 3 photos wait for it"
+    assert line == {"ahead": 3, "seconds": None, "closed": False, "text": starting}
     assert (pool.resends.running, pool.resends.waiting) == (1, 2)
     for job in (beside, queued):  # told their place again once it was back, never that work on them was lost
         after = statuses(job)[
