@@ -19,10 +19,10 @@ from starlette.middleware import Middleware
 from starlette.requests import Request
 
 from accounts import Accounts, hub_calls_time_out
-from backends import Backends
 from choices import CATEGORIES, GENDERS
 from endpoint import NOT_CONFIGURED, Relay, relay_endpoint
-from files import EXAMPLE_ROUTE, Files, FilesMiddleware
+from file_routes import EXAMPLE_ROUTE, FileRoutes
+from files import Files
 from front_metrics import FrontMetrics, NoMetrics
 from front_settings import (
     ACCOUNT_MAX_JOBS,
@@ -49,6 +49,7 @@ from front_settings import (
 )
 from guard import GET, POST, UPLOAD, Allowed, Scope, launch_guarded
 from photos import PhotoReader, photo_bytes
+from pool import Backends
 from relay import API_NAME  # the public endpoint is called as the backend's
 from results import Results
 from sign_in import ME_ROUTE, SIGN_IN_ROUTES, available, sign_in_button, who_js
@@ -231,7 +232,7 @@ def serve(front: Front, **launch_kwargs: Any) -> None:
         sys.modules.setdefault("matplotlib", None)  # a failed import then costs nothing instead of a path search
     hub_calls_time_out()
     callers, example = front.relay.callers, EXAMPLE_PHOTO.read_bytes()
-    files = Middleware(FilesMiddleware, files=front.files, callers=callers, example=example)
+    files = Middleware(FileRoutes, files=front.files, callers=callers, example=example)
     read_only = Middleware(ReadOnlyRoutes, routes=front.read_only_routes())
     metrics = (front.metrics_token, front.metrics.render) if front.metrics else None
     launch_guarded(

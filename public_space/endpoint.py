@@ -29,12 +29,12 @@ from typing import Any
 import gradio as gr
 from gradio.data_classes import ImageData
 
-from backends import Backends
 from choices import unknown_choice
 from files import Files
 from front_metrics import FrontMetrics, JobCount, NoMetrics
 from pacing import Pacer, Tail, ticking
 from photos import UPLOAD_AGAIN, PhotoReader, picture_suffix
+from pool import Backends
 from relay import Finished, GpuRefused, Running, Unavailable, Update
 from results import Results
 from visitors import ACCOUNT, Callers, FairShare

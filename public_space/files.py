@@ -22,14 +22,13 @@ made for them (each saved with `save_result`, so its path is known from the star
 - What a failed upload leaves in the folder (strays.py) is removed by the next sweep.
 
 Gradio's records of its files (`Blocks.temp_file_sets`) lose each removed file too, or they would keep growing.
-The middleware also serves the example photo, so that no page shows where it lies on the server.
+The requests that bring and fetch files reach this bookkeeping through file_routes.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -41,24 +40,10 @@ from pathlib import Path
 
 from gradio.processing_utils import save_bytes_to_cache
 from gradio_client.utils import is_http_url_like
-from starlette.requests import Request
 
 import strays
-from guard import Message, Receive, Scope, Send
-from visitors import Callers
 
-UPLOAD = "/gradio_api/upload"
-FILE_ROUTES = ("/gradio_api/file=", "/gradio_api/file/")  # the second, Gradio's older spelling of the first
-# The headers of a file's answer; any other is dropped (Gradio's ranged answer copies in the request's own).
-FILE_HEADERS = frozenset(
-    name.encode()
-    for name in (
-        "content-type", "content-length", "content-range", "accept-ranges", "content-disposition", "content-encoding",
-        "etag", "last-modified", "cache-control", "expires", "vary", "date", "x-content-type-options",
-    )
-)  # fmt: skip
 REFUSED_FOLDER = "refused"  # never made (Gradio makes only content folders): what a refused upload's caller gets
-EXAMPLE_ROUTE = "/examples/astronaut.png"
 SWEEP_EVERY_S = 30.0  # at most; a shorter keep_s is swept more often
 
 logger = logging.getLogger("backdrop")
@@ -374,125 +359,3 @@ def _block_size(folder: Path) -> int:
             stat = os.statvfs(place)
             return stat.f_frsize or stat.f_bsize or 4096
     return 4096
-
-
-class FilesMiddleware:
-    """ASGI middleware (inside the guard): notes each upload (refusing a visitor's surplus with a sentence), serves
-    each kept file only to whom it is for, with no header of the request in any file's answer, and serves the
-    example.
-
-    An upload is its visitor's as `Callers.visitor_of` names them from the upload request: the address, or the Hugging
-    Face user when signed in (Gradio's OAuth session middleware runs outside this one, so the session is there).
-    """
-
-    def __init__(self, app: object, *, files: Files, callers: Callers, example: bytes) -> None:
-        self.app = app
-        self.files = files
-        self.callers = callers
-        self.example = example
-        self.sweeper: asyncio.Task[None] | None = None
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        if self.sweeper is None:  # started in the server's own event loop, on its first request
-            self.sweeper = asyncio.get_running_loop().create_task(self.files.sweep_forever())
-        path, method = _path(scope), scope["method"]
-        if method == "GET" and path == EXAMPLE_ROUTE:
-            await _send(send, 200, self.example, b"image/png", b"public, max-age=3600")
-        elif method == "POST" and path == UPLOAD:
-            await self._upload(scope, receive, send)
-        elif method in ("GET", "HEAD") and (file := _file_asked(path)) is not None:
-            await self._file(scope, receive, send, file)
-        else:
-            await self.app(scope, receive, send)
-
-    async def _upload(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Let Gradio store the upload, then send its answer on, or a 429 with the sentence that refuses it."""
-        messages: list[Message] = []
-
-        async def keep(message: Message) -> None:
-            messages.append(message)
-
-        with self.files.receiving() as receipt:
-            await self.app(scope, receive, keep)
-            start = next((m for m in messages if m["type"] == "http.response.start"), None)
-            if start is None or start["status"] != 200:
-                for message in messages:
-                    await send(message)
-                return
-            body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
-            with contextlib.suppress(ValueError):
-                answer = json.loads(body)
-                paths = [p for p in answer if isinstance(p, str)] if isinstance(answer, list) else []
-                visitor = await self.callers.visitor_of(Request(scope))
-                refusal = self.files.uploaded(paths, visitor)
-                receipt.stored = True
-                if refusal and not _from_gradio_client(scope):
-                    await _send(send, 429, refusal.encode(), b"text/plain; charset=utf-8", b"no-store")
-                    return
-                if refusal:
-                    # gradio_client shows an upload's error as HTTP jargon: it gets paths that name nothing (the
-                    # same whoever keeps the same photo), and its run the sentence (Files.refusal), as AppError.
-                    placeholders = json.dumps([self.files.placeholder(p) for p in paths]).encode()
-                    messages = _answer(start, placeholders)
-        for message in messages:
-            await send(message)
-
-    async def _file(self, scope: Scope, receive: Receive, send: Send, file: str) -> None:
-        """Serve a kept file to whom it is for (anyone else is answered as for a missing file), with only the
-        headers of a file's answer: Gradio's ranged answer copies the request's headers (cookies, the proxy's)
-        into its own."""
-        if not self.files.servable(file, await self.callers.visitor_of(Request(scope))):
-            body = json.dumps({"detail": f"File not allowed: {file}."}, ensure_ascii=False, separators=(",", ":"))
-            await _send(send, 403, body.encode(), b"application/json")
-            return
-        # A request header on the list below would come back as the answer's own: it does not reach Gradio.
-        scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k.lower() not in FILE_HEADERS]}
-
-        async def watch(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() in FILE_HEADERS]
-                message = {**message, "headers": headers}
-                # Served, in part, or already in the browser's cache: a use all the same, counted before the bytes
-                # go out (whoever has them has seen this use counted).
-                if message["status"] in (200, 206, 304):
-                    self.files.fetched(file)
-            await send(message)
-
-        await self.app(scope, receive, watch)
-
-
-def _file_asked(path: str) -> str | None:
-    """The file a request asks for, by either of Gradio's routes for files; None for any other route."""
-    for route in FILE_ROUTES:
-        if path.startswith(route):
-            return path.removeprefix(route)
-    return None
-
-
-def _from_gradio_client(scope: Scope) -> bool:
-    agent = dict(scope.get("headers") or []).get(b"user-agent", b"")
-    return b"gradio_client/" in agent
-
-
-def _path(scope: Scope) -> str:
-    path: str = scope["path"]
-    root = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
-
-
-def _answer(start: Message, body: bytes) -> list[Message]:
-    """An answer like `start`'s with another body."""
-    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
-    headers.append((b"content-length", str(len(body)).encode()))
-    return [{**start, "headers": headers}, {"type": "http.response.body", "body": body}]
-
-
-async def _send(send: Send, status: int, body: bytes, content_type: bytes, cache: bytes | None = None) -> None:
-    headers = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
-    if cache is not None:
-        headers.append((b"cache-control", cache))
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})

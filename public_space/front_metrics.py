@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from backends import Backends
+from pool import Backends
 from relay import Busy, GpuRefused, InputRefused, Lost, RepeatCrash
 from visitors import TurnedAway
 from waiting import LineTooLong

@@ -26,7 +26,7 @@ import hashlib
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
-from backends import Backends
+from pool import Backends
 from relay import Finished, Update
 
 EVERYONE = "everyone"  # the scope of the example photo's results

@@ -15,8 +15,8 @@ from collections.abc import Callable, Sequence
 
 from starlette.responses import JSONResponse
 
-from backends import Backends
 from guard import Receive, Scope, Send, route_path
+from pool import Backends
 from relay import RelayError
 
 WAIT_ROUTE = "/backdrop/wait"

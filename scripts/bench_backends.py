@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from bench import API, CORES, PHOTO, ROOT, SSL, free_port, run_callers, start
 
 sys.path.insert(0, str(ROOT / "public_space"))
-from backends import Backend, Backends  # the public Space's own relay (no gradio)
+from backends import Backend  # the public Space's own relay (no gradio)
+from pool import Backends
 from relay import LOST
 
 QUIET = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}

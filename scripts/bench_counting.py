@@ -100,8 +100,8 @@ def jobs_done(front: str, metrics_token: str) -> float:
 def counting_cost(jobs: int = 20000) -> tuple[float, float]:
     """(µs the public app's counting adds to one job, ms of one /metrics render with one backend), in this process."""
     sys.path.insert(0, str(ROOT / "public_space"))
-    from backends import Backends
     from front_metrics import FrontMetrics
+    from pool import Backends
 
     metrics = FrontMetrics(Backends.connect(["http://127.0.0.1:9/"], None))
     started = time.perf_counter()

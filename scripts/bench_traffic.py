@@ -63,7 +63,7 @@ async def one_caller(backend: object, photo: bytes) -> tuple[float | None, float
 
 
 async def gpu_use(url: str, token: str, callers: int, service_time: float, photo: bytes) -> None:
-    from backends import Backends
+    from pool import Backends
 
     backend = Backends.connect([url], token)
     for _ in range(3):  # warm: the backend's stage times now come from real requests

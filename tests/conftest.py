@@ -46,7 +46,7 @@ from PIL import Image
 if TYPE_CHECKING:
     from standin import StandInPipeline
 
-    from backends import Backends
+    from pool import Backends
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE_PHOTO = ROOT / "public_space" / "examples" / "astronaut.png"
@@ -220,7 +220,7 @@ def stack(
     """The private app with a stand-in pipeline, warmed up, behind the public app; both on loopback."""
     from standin import StandInPipeline
 
-    from backends import Backends
+    from pool import Backends
 
     standin = StandInPipeline(service_time=service_time)
     back_demo = private_app.create_app(standin, **backend_kwargs)
@@ -376,7 +376,8 @@ def backend(private_app, service_time: float, port: int | None = None) -> Iterat
 
 def pool(*urls: str, retry_after: float = 10.0) -> Backends:
     """The front's pool of these backends, each labelled by its place ("backend 1 of 2")."""
-    from backends import Backend, Backends
+    from backends import Backend
+    from pool import Backends
 
     return Backends([Backend(url, TOKEN, wake_timeout=10, retry_after=retry_after) for url in urls])
 

@@ -11,7 +11,7 @@ from gradio_client import Client
 from gradio_client.exceptions import AppError
 
 from accounts import Accounts
-from backends import Backends
+from pool import Backends
 
 SHARES = {"max_jobs_per_visitor": 1, "visitor_rate": "", "account_max_jobs": 1, "account_rate": ""}
 BUSY = "You already have 1 photo in line. Please wait until one is done."

@@ -32,7 +32,8 @@ from standin import StandInPipeline
 
 import backends
 import relay
-from backends import Backends, Figures, SentJob
+from backends import Figures, SentJob
+from pool import Backends
 from relay import FAILED
 
 

@@ -209,7 +209,7 @@ def test_the_sign_in_button_is_on_the_page_only_with_oauth_and_runs_nothing_on_t
     import gradio as gr
     import httpx
 
-    from backends import Backends
+    from pool import Backends
 
     assert not any(isinstance(block, gr.LoginButton) for block in front_app(public_app, None).blocks.blocks.values())
     # Off Spaces Gradio would mock the OAuth routes with this machine's Hub login; here only the page is checked.

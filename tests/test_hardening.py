@@ -244,7 +244,7 @@ def test_gradio_keeps_no_record_of_the_files_removed(private_app, public_app, tm
     """Gradio's own sweep keeps forever its record of a file that is gone: each removed file must leave them."""
     from standin import StandInPipeline
 
-    from backends import Backends
+    from pool import Backends
 
     cache = tmp_path / "cache"
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(cache))

@@ -37,7 +37,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 from standin import StandInPipeline
 
-from backends import Backends
+from pool import Backends
 from relay import BUSY, UNAVAILABLE
 
 RESTARTING = "The image service is restarting · your photo is kept"

@@ -29,7 +29,7 @@ from gradio_client.exceptions import AppError
 from standin import StandInPipeline
 
 import photos
-from backends import Backends
+from pool import Backends
 from relay import REPEAT_CRASH
 
 RESTARTING = "The image service is restarting · your photo is kept"

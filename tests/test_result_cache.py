@@ -14,8 +14,9 @@ from gradio_client import handle_file
 from PIL import Image
 from standin import StandInPipeline
 
-from backends import Backend, Backends
+from backends import Backend
 from photos import UPLOAD_AGAIN
+from pool import Backends
 from relay import BUILD_HEADER, Finished
 from results import AGAIN, EVERYONE, Results
 
