@@ -8,7 +8,7 @@
 6. `Results.answer`: a kept result for a repeat (results.py); else
 7. `WaitLine.admit`: the line's promise, a photo that would wait too long refused at once (waiting.py);
 8. `FairShare.spend`: one of their photos for the window;
-9. `Backends.predict`: the job on the best backend, sent again if that one goes away (backends.py);
+9. `Backends.predict`: the job on the best backend, sent again if that one goes away (pool.py);
 10. `status_lines`: what the visitor sees meanwhile, paced (pacing.py, wording.py), then the pictures, saved where
     Gradio serves them.
 
@@ -109,14 +109,14 @@ async def run(
             raise gr.Error(relay.files.refusal(visitor) or UPLOAD_AGAIN, print_exception=False)
         photo = await relay.photos.photo(upload)
         key = relay.results.key(photo.digest, category, gender, visitor)
-        if (kept := await relay.results.answer(pool, key)) is None:
+        kept = await relay.results.answer(pool, key)
+        if kept is None:
             relay.wait_line.admit()
         relay.fair_share.spend(visitor, on_page=on_page)
-        if kept is not None:
-            updates = one(kept)
+        if kept is None:
+            updates = relay.results.keeping(key, pool.predict(photo, category, gender, headers=forwarded(request)))
         else:
-            job = pool.predict(photo, category, gender, headers=forwarded(request))
-            updates = relay.results.keeping(key, job)
+            updates = answered(kept)
         try:
             async for outputs in status_lines(updates, relay, keep=gr.skip() if on_page else None, counted=counted):
                 yield outputs
@@ -126,8 +126,9 @@ async def run(
             raise
 
 
-async def one(update: Update) -> AsyncIterator[Update]:
-    yield update
+async def answered(kept: Finished) -> AsyncIterator[Update]:
+    """A kept result, as the one update of a job that needs no backend."""
+    yield kept
 
 
 def forwarded(request: gr.Request) -> dict[str, str]:
