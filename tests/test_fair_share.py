@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import API, TOKEN, front_app, running, stack, statuses, submit, visitor, wait_until
+from settings_tables import settings_of
 from starlette.datastructures import Headers
 from starlette.requests import Request
 
@@ -37,7 +38,8 @@ def test_the_address_is_the_one_the_last_trusted_proxy_appended():
     assert visitor_of(request(), 1) == "address 10.1.2.3"  # no proxy in front after all: the peer, not nothing
     assert visitor_of(request("198.51.100.7"), 2) == "address 10.1.2.3"
     assert visitor_of(request("198.51.100.8"), 1) != visitor_of(request("198.51.100.7"), 1)
-    assert address_of(request("198.51.100.7"), 0) == "address 10.1.2.3"  # believing none is the default
+    assert address_of(request("198.51.100.7"), 0) == "address 10.1.2.3"
+    assert settings_of("public_space").SETTINGS.default("TRUSTED_PROXY_HOPS") == "0"  # a bare start believes none
 
 
 def test_an_ipv6_client_is_one_visitor_per_64_and_a_user_is_one_visitor_anywhere():
