@@ -64,6 +64,7 @@ class Accounts:
         if (asking := self.asking.get(digest)) is None:
             if self.busy >= self.lookups_at_once or not self.limiter.hit(self.per_address, address):
                 return None  # no room to ask now: the caller is their address this time
+            self.busy += 1  # until its thread is over, hung or not (`_done`)
             asking = self.asking[digest] = asyncio.ensure_future(self._ask(token, digest))
         try:
             return await asyncio.wait_for(asyncio.shield(asking), self.timeout_s)
@@ -71,7 +72,6 @@ class Accounts:
             return None
 
     async def _ask(self, token: str, digest: bytes) -> str | None:
-        self.busy += 1
         lookup = asyncio.get_running_loop().run_in_executor(self.threads, self.api.whoami, token)
         lookup.add_done_callback(self._done)
         try:
