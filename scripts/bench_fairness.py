@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from bench import FRONT_CORES, PHOTO, ROOT, SSL, Sampler, free_port, start
+from bench import FRONT_CORES, PHOTO, ROOT, SSL, Sampler, blocks_of, free_port, start
 
 API = "/predict_api"
 BIG_JPEGS = ((12000, 8000), (7680, 5120))  # 96 megapixels: over the limit; 39: under it, decoded to downscale
@@ -46,7 +46,7 @@ def serve_backend(root: Path, port: int, service_time: float, queue_max_size: in
 
     demo = app.create_app(StandInPipeline(service_time=service_time), queue_max_size=queue_max_size)
     app.serve(demo, server_name="127.0.0.1", server_port=port, quiet=True)
-    getattr(demo, "blocks", demo).block_thread()  # (an app before create_app returned its own object: Blocks)
+    blocks_of(demo).block_thread()
 
 
 def start_apps(root: Path, service_time: float, queue_max_size: int, front_env: dict[str, str]) -> tuple:
@@ -69,6 +69,7 @@ def start_apps(root: Path, service_time: float, queue_max_size: int, front_env: 
     env = {
         **os.environ,
         **quiet,
+        "TRUSTED_PROXY_HOPS": "1",  # visitors are told apart by the entry a proxy appends (an old app's default)
         **front_env,
         "BACKEND": back,
         "HF_TOKEN": token,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import secrets
 import statistics
 import sys
@@ -30,17 +29,19 @@ from pathlib import Path
 
 import httpx
 import psutil
-from bench import BACKEND_CORES, PHOTO, ROOT, SSL, Caller, eta_error, run_callers, start_stack
-from PIL import Image, ImageOps
+from bench import (
+    BACKEND_CORES,
+    ROOT,
+    SSL,
+    Caller,
+    PhotoBytes,
+    eta_error,
+    photo_1024x768,
+    run_callers,
+    start_stack,
+)
 
 sys.path[:0] = [str(ROOT / "public_space"), str(ROOT / "private_space")]
-
-
-def photo_1024x768() -> bytes:
-    """The example portrait as a phone photo arrives after the front's downscale: 1024×768 JPEG."""
-    buffer = io.BytesIO()
-    ImageOps.fit(Image.open(PHOTO).convert("RGB"), (1024, 768)).save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
 
 
 async def one_caller(backend: object, photo: bytes) -> tuple[float | None, float, int]:
@@ -51,7 +52,7 @@ async def one_caller(backend: object, photo: bytes) -> tuple[float | None, float
     from relay import Finished, Queued
 
     first = None
-    async for update in backend.predict(photo, "casual", "female"):
+    async for update in backend.predict(PhotoBytes(photo), "casual", "female"):
         if isinstance(update, Queued) and first is None and update.eta is not None:
             first = update
         if isinstance(update, Finished):
