@@ -1,7 +1,7 @@
 """Benchmark a backend restart (issue 20): is anything lost, and what does it add to the wait?
 
     python scripts/bench.py restart [--callers 12] [--service-time 1.0 0.15] [--down 8] [--signals TERM KILL]
-                                    [--rolling-callers 8] [--steady 20] [--skip-one] [--skip-rolling]
+                                    [--rolling-callers 8] [--steady 20] [--after 30] [--skip-one] [--skip-rolling]
 
 Each backend is the real private app around the stand-in (S seconds of "GPU" a job), a process of its own
 (`bench.py --serve-backend`) that is stopped with a signal and started again on the same port; its start-up is
@@ -18,7 +18,9 @@ an address of its own, as a browser does (bench_visits.py). For each S:
    run); after --steady seconds, backend 1 is stopped (SIGTERM), started again D s later, and once it answers,
    backend 2 the same. Prints whether every run got its result, the jobs done per second during the rolling
    restart (from the first stop until the second backend answers) against the steady rate before it (goal: at
-   least 45 %) and after it, when the front marked each backend down and up again, and the front's counts.
+   least 45 %) and in the --after seconds after it, when the front marked each backend down and up again (a
+   backend it marked down is taken back when its probe, or a job with no other backend up, finds it answering),
+   and the front's counts.
 """
 
 from __future__ import annotations
@@ -165,7 +167,9 @@ async def one_backend(args: argparse.Namespace, service_time: float, photo: tupl
                 await asyncio.to_thread(backend.stop, SIGNALS[name])
                 await asyncio.sleep(args.down)
                 startup = await asyncio.to_thread(backend.start)
+                back_at = time.monotonic()
                 await joined.over()
+                later = [r.ended - back_at for r in records if r.done and r.ended > back_at]
                 added = [r.total - b.total for r, b in zip(records, baseline, strict=True)]
                 done = sum(r.done for r in records)
                 print(
@@ -173,7 +177,10 @@ async def one_backend(args: argparse.Namespace, service_time: float, photo: tupl
                     f"back after D = {args.down:g} s + start-up {startup:.1f} s = {args.down + startup:.1f} s: "
                     f"{done}/{args.callers} got their result; errors {errors(records)}"
                 )
-                print(f"    added wait p50 {percentile(added, 0.5):.1f} s, max {max(added):.1f} s")
+                print(
+                    f"    added wait p50 {percentile(added, 0.5):.1f} s, max {max(added):.1f} s; the first result "
+                    f"{min(later, default=float('nan')):.1f} s after the backend answered again"
+                )
                 print(f"    the front counted: {counted(before, metrics(front_url, metrics_token))}")
     finally:
         process.kill()
@@ -243,7 +250,7 @@ async def rolling(args: argparse.Namespace, service_time: float, photo: tuple[st
                     startup = await asyncio.to_thread(backend.start)
                     marks.append((stopped, time.monotonic(), startup))
                 rolled = time.monotonic()
-                await asyncio.sleep(args.steady / 2)
+                await asyncio.sleep(args.after)
                 stopping = True
                 await asyncio.gather(*callers)
                 after_until = time.monotonic()
@@ -266,7 +273,7 @@ async def rolling(args: argparse.Namespace, service_time: float, photo: tuple[st
     print(
         f"  jobs done per second: steady {steady:.2f}/s ({args.steady:g} s); during the rolling restart "
         f"{during:.2f}/s ({rolled - roll_from:.1f} s) = {100 * during / steady:.0f} % of steady (goal >= 45 %); "
-        f"after it {recovered:.2f}/s"
+        f"in the {after_until - rolled:.0f} s after it {recovered:.2f}/s"
     )
     for number, (stopped, back, startup) in enumerate(marks, start=1):
         label = f"backend {number} of 2"
@@ -288,6 +295,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--signals", nargs="+", choices=sorted(SIGNALS), default=["TERM", "KILL"])
     parser.add_argument("--rolling-callers", type=int, default=8, help="visitors in the closed loop (M)")
     parser.add_argument("--steady", type=float, default=20.0, help="seconds of steady stream measured before")
+    parser.add_argument("--after", type=float, default=30.0, help="seconds of stream measured after the roll")
     parser.add_argument("--skip-one", action="store_true", help="leave out the one-backend runs")
     parser.add_argument("--skip-rolling", action="store_true", help="leave out the rolling restart")
     args = parser.parse_args(argv)
