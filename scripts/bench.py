@@ -387,6 +387,7 @@ MODES: dict[str, str] = {
     "front": "bench_front",  # the public front's CPU per request beside a plain Gradio app, and its maximum rate
     "counting": "bench_counting",  # the relay's added latency with the front counting (METRICS_TOKEN) and without
     "files": "bench_files",  # a flood of tiny uploads: files on disk against what is counted; bookkeeping per upload
+    "line": "bench_line",  # MAX_WAIT_S under a flood: admitted and refused, the longest wait against the cap
     "restart": "bench_restart",  # a backend stopped and started again under a full line; two restarted in turn
 }
 

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import httpx
+import psutil
 from bench import BACKEND_CORES, CORES, FRONT_CORES, QUIET, backend_command, free_port, photo_1024x768, start_front
 from bench_visits import Front, Visit, errors, figure, metrics, percentile
 
@@ -82,6 +83,10 @@ class BackendProcess:
         assert self.process is not None
         self.process.send_signal(how)
         self.process.wait(timeout=60)
+
+    def rss(self) -> int:
+        assert self.process is not None
+        return psutil.Process(self.process.pid).memory_info().rss
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:
