@@ -17,7 +17,8 @@
    again at once every K requests, while a batch is in flight (its jobs are sent again). Prints both apps' RSS at
    request 104 (the end of the 100th's batch), after each restart's batch and at the end, in each run (the
    front's is what matters: it outlives the restarts; the backend's restarts fresh), the requests that got no
-   result, and what the front counted (jobs sent again, jobs lost). Stand-alone: with it, parts 1 to 3 do not run.
+   result, and what the front counted (jobs sent again, jobs lost). The front's kept files under `--quota-mb`, as
+   in part 3 (else they would all be kept for KEEP_FILES_S, longer than the run). With it, parts 1-3 do not run.
 """
 
 from __future__ import annotations
@@ -195,10 +196,16 @@ async def soak(
     )
 
 
-def memory_across_restarts(requests: int, every: int, service_time: float, photo: bytes) -> None:
+def memory_across_restarts(requests: int, every: int, service_time: float, photo: bytes, quota_mb: float) -> None:
     """Part 4: the soak with no restart and with a restart every `every` requests, side by side."""
-    runs = [asyncio.run(soak_restarting(requests, every, service_time, photo, restart=r)) for r in (False, True)]
-    print(f"memory over {requests} requests, 8 at a time, S = {service_time} s: RSS MiB, public app / private app")
+    runs = [
+        asyncio.run(soak_restarting(requests, every, service_time, photo, quota_mb, restart=restart))
+        for restart in (False, True)
+    ]
+    print(
+        f"memory over {requests} requests, 8 at a time, S = {service_time} s, the front's FILES_QUOTA_MB "
+        f"{quota_mb:g}: RSS MiB, public app / private app"
+    )
     print(f"  {'request':<26} {'no restart':<18} restart every {every} (SIGTERM, back at once)")
     for (mark, plain), (_, restarted) in zip(runs[0].rss, runs[1].rss, strict=True):
         label = f"{mark}" + (" (after a restart)" if mark in runs[1].restarted_at else "")
@@ -222,13 +229,17 @@ class SoakRun:
     counted: str
 
 
-async def soak_restarting(requests: int, every: int, service_time: float, photo: bytes, *, restart: bool) -> SoakRun:
+async def soak_restarting(
+    requests: int, every: int, service_time: float, photo: bytes, quota_mb: float, *, restart: bool
+) -> SoakRun:
     """`requests` visitors, 8 at a time, through a front whose backend restarts every `every` requests if `restart`
     (memory measured at the same marks either way)."""
     token, metrics_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
     backend = BackendProcess(service_time, token, BACKEND_CORES)
     backend.start()
-    front_url, front_process = start_front(backend.url, token, {"METRICS_TOKEN": metrics_token})
+    kept = tempfile.mkdtemp(prefix="bench-front-files-")
+    env = {"METRICS_TOKEN": metrics_token, "GRADIO_TEMP_DIR": kept, "FILES_QUOTA_MB": str(quota_mb)}
+    front_url, front_process = start_front(backend.url, token, env)
     rss, restarted_at, visits = [], set(), []
 
     def stop_and_start() -> None:
@@ -290,7 +301,7 @@ def main(argv: list[str]) -> None:
     photo = photo_1024x768()
     print(f"photo: 1024×768 JPEG, {len(photo) / 1000:.0f} kB; backend on core {sorted(BACKEND_CORES)}")
     if args.restart_every:
-        memory_across_restarts(args.requests, args.restart_every, args.service_time, photo)
+        memory_across_restarts(args.requests, args.restart_every, args.service_time, photo, args.quota_mb)
         return
     if not args.soak_only:
         cpu_stages(photo)
