@@ -209,7 +209,7 @@ class UpWatch:
             except httpx.HTTPError:
                 continue
             for (name, labels), value in figures.items():
-                if name == "backdrop_backend_up" and last.get(labels[0][1]) != bool(value):
+                if name == "backdrop_backend_up" and last.get(labels[0][1], True) != bool(value):  # up at first
                     last[labels[0][1]] = bool(value)
                     self.changes.append((time.monotonic(), labels[0][1], bool(value)))
 
