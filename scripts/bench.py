@@ -1,12 +1,17 @@
 """Benchmark the relay: the backend with a stand-in pipeline of fixed service time, the public app in front.
 
     python scripts/bench.py [--service-time 0.5] [--callers 24] [--latency-calls 30] [--models .tiny-models]
+                            [--jpeg] [--root DIR]
 
 Both apps run as their own processes on loopback. The backend is the real private app built by `create_app()`
 around `standin.StandInPipeline` (a sleep instead of the GPU); the front is `public_space/app.py` itself. On a
 machine with two or more cores the backend gets a core of its own (as it would be a machine of its own), and the
 front shares the other with the callers. Every gradio_client gets one shared SSL context: without it, each
-request and each file download builds a new one (~40 ms of CPU), which would swamp what is measured here.
+request and each file download builds a new one (~40 ms of CPU), which would swamp what is measured here. Each
+caller is a visitor of its own address (the X-Forwarded-For entry a proxy appends; the front believes one hop,
+TRUSTED_PROXY_HOPS=1, as on Hugging Face). The photo is the 512-px example, or with --jpeg a 1024×768 JPEG (a
+phone photo after the front's downscale). --root runs another checkout's apps (and its stand-in) under this same
+harness, for figures side by side with an earlier commit.
 Prints, all measured in this one run:
 - relay added latency, p50 and p95: one caller at a time, through the front minus directly to the backend;
 - makespan / (N·S) for N concurrent callers through the front (and directly, for comparison);
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import io
 import itertools
 import os
 import re
@@ -30,6 +36,7 @@ import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +46,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+from PIL import Image, ImageOps
 
 ROOT = Path(__file__).resolve().parent.parent
 PHOTO = ROOT / "public_space" / "examples" / "astronaut.png"
@@ -57,22 +65,53 @@ class Caller:
     statuses: list[tuple[float, str]] = field(default_factory=list)
 
 
+class PhotoBytes:
+    """A photo as the relay's pool reads it for each sending (backends.Photo), here from memory."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    async def bytes(self) -> bytes:
+        return self.data
+
+
+def photo_1024x768() -> bytes:
+    """The example portrait as a phone photo arrives after the front's downscale: 1024×768 JPEG."""
+    buffer = io.BytesIO()
+    ImageOps.fit(Image.open(PHOTO).convert("RGB"), (1024, 768)).save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+def address(n: int) -> str:
+    """Visitor n's address (one of 2**24, from 10.0.0.1), sent as the X-Forwarded-For entry a proxy appends."""
+    n += 1
+    return f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}"
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def serve_backend(port: int, service_time: float) -> None:
-    """Child process: the real private app around the stand-in pipeline (token from BACKEND_TOKEN)."""
-    sys.path[:0] = [str(ROOT / "private_space"), str(ROOT / "scripts")]
+def serve_backend(port: int, service_time: float, root: Path = ROOT) -> None:
+    """Child process: the real private app of `root` around its stand-in pipeline (token from BACKEND_TOKEN)."""
+    sys.path[:0] = [str(root / "private_space"), str(root / "scripts")]
     from standin import StandInPipeline
 
     import app
 
     demo = app.create_app(StandInPipeline(service_time=service_time), queue_max_size=256)
     app.serve(demo, server_name="127.0.0.1", server_port=port, quiet=True)
-    getattr(demo, "blocks", demo).block_thread()  # (an app before create_app returned its own object: Blocks)
+    blocks_of(demo).block_thread()
+
+
+def blocks_of(app: object) -> object:
+    """An app's gr.Blocks: what `create_app` returns, or its `.blocks` (since it returns an object of its own; a
+    Blocks has a `.blocks` too, a dict of its components)."""
+    import gradio as gr
+
+    return app if isinstance(app, gr.Blocks) else app.blocks
 
 
 def start(
@@ -93,12 +132,18 @@ def start(
     raise SystemExit(f"{command} did not start")
 
 
-def start_backend(service_time: float, token: str) -> tuple[str, subprocess.Popen]:
+def backend_command(port: int, service_time: float, root: Path = ROOT) -> list[str]:
+    """The command that serves `root`'s private app around the stand-in on `port` (`serve_backend`)."""
+    command = [sys.executable, __file__, "--serve-backend", str(port), "--service-time", str(service_time)]
+    return [*command, "--root", str(root)]
+
+
+def start_backend(service_time: float, token: str, root: Path = ROOT) -> tuple[str, subprocess.Popen]:
     """The private app around the stand-in, on a core of its own, warmed up; its URL and process."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     process = start(
-        [sys.executable, __file__, "--serve-backend", str(port), "--service-time", str(service_time)],
+        backend_command(port, service_time, root),
         {**QUIET, "BACKEND_TOKEN": token},
         f"{url}config",
         BACKEND_CORES,
@@ -108,24 +153,46 @@ def start_backend(service_time: float, token: str) -> tuple[str, subprocess.Pope
     return url, process
 
 
-def start_front(back: str, token: str, front_env: dict[str, str] | None = None) -> tuple[str, subprocess.Popen]:
-    """`public_space/app.py` in front of `back`, sharing the callers' cores; its URL and process."""
+def start_front(
+    back: str, token: str, front_env: dict[str, str] | None = None, root: Path = ROOT
+) -> tuple[str, subprocess.Popen]:
+    """`root`'s `public_space/app.py` in front of `back`, sharing the callers' cores; its URL and process."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = {**QUIET, "BACKEND": back, "HF_TOKEN": token, "GRADIO_SERVER_PORT": str(port)}
-    # Every caller here is one visitor, 127.0.0.1, and each sends the same photo: no fair share, no result cache.
-    # (Some send photos of their own: no bound on one visitor's number of uploads either.)
-    env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": "", "RESULT_CACHE_ENTRIES": "0", "VISITOR_FILES": "0"}
-    command = [sys.executable, str(ROOT / "public_space" / "app.py")]
+    # Visitors are told apart by the X-Forwarded-For entry a proxy appends (`address`), as on Hugging Face; callers
+    # that send none are one visitor, 127.0.0.1. Many send the same photo: no fair share, no result cache. (Some
+    # send photos of their own from one address: no bound on one visitor's number of uploads either.)
+    env |= {"TRUSTED_PROXY_HOPS": "1", "MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": ""}
+    env |= {"RESULT_CACHE_ENTRIES": "0", "VISITOR_FILES": "0"}
+    command = [sys.executable, str(root / "public_space" / "app.py")]
     return url, start(command, env | (front_env or {}), url, FRONT_CORES)
 
 
 def start_stack(
-    service_time: float, token: str, front_env: dict[str, str] | None = None
+    service_time: float, token: str, front_env: dict[str, str] | None = None, root: Path = ROOT
 ) -> tuple[str, str, list[subprocess.Popen]]:
-    back, backend = start_backend(service_time, token)
-    front, front_process = start_front(back, token, front_env)
+    back, backend = start_backend(service_time, token, root)
+    front, front_process = start_front(back, token, front_env, root)
     return back, front, [backend, front_process]
+
+
+def photo_file(jpeg: bool) -> Path:
+    """The photo the callers send, as a file: the 512-px example, or (`jpeg`) a 1024×768 JPEG made from it."""
+    if not jpeg:
+        return PHOTO
+    path = Path(tempfile.gettempdir()) / "backdrop-bench-1024x768.jpg"
+    if not path.exists():  # the same bytes every time
+        path.write_bytes(photo_1024x768())
+    return path
+
+
+def commit_of(root: Path) -> str:
+    """The checkout's commit, short (and "+" when its tracked files differ from it)."""
+    git = ["git", "-C", str(root)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], check=False, capture_output=True, text=True)
+    dirty = subprocess.run([*git, "status", "--porcelain", "-uno"], check=False, capture_output=True, text=True)
+    return (head.stdout.strip() or "?") + ("+" if dirty.stdout.strip() else "")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -133,21 +200,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def latency(calls: int, token: str) -> None:
+def latency(calls: int, token: str, photo: Path = PHOTO, root: Path = ROOT) -> None:
     from gradio_client import Client, handle_file
 
-    back, front, processes = start_stack(0.0, token)
+    back, front, processes = start_stack(0.0, token, root=root)
     try:
         direct = Client(back, token=token, verbose=False, download_files=False, ssl_verify=SSL)
-        relayed = Client(front, token=False, verbose=False, ssl_verify=SSL)
-        unfetched = Client(front, token=False, verbose=False, ssl_verify=SSL, download_files=False)
-        photo_b64 = base64.b64encode(PHOTO.read_bytes()).decode()
+        relayed = Client(front, token=False, verbose=False, ssl_verify=SSL, headers={"X-Forwarded-For": address(0)})
+        other = {"X-Forwarded-For": address(1)}
+        unfetched = Client(front, token=False, verbose=False, ssl_verify=SSL, download_files=False, headers=other)
+        photo_b64 = base64.b64encode(photo.read_bytes()).decode()
         times: dict[str, list[float]] = {"direct": [], "front": [], "unfetched": []}
         for i in range(calls + 3):  # the first three of each warm both paths up
             for name, call in (
                 ("direct", lambda: direct.predict(photo_b64, "casual", "male", api_name=API)),
-                ("front", lambda: relayed.predict(handle_file(str(PHOTO)), "casual", "male", api_name=API)),
-                ("unfetched", lambda: unfetched.predict(handle_file(str(PHOTO)), "casual", "male", api_name=API)),
+                ("front", lambda: relayed.predict(handle_file(str(photo)), "casual", "male", api_name=API)),
+                ("unfetched", lambda: unfetched.predict(handle_file(str(photo)), "casual", "male", api_name=API)),
             ):
                 started = time.perf_counter()
                 call()
@@ -175,14 +243,14 @@ def run_callers(clients: list, call: Callable[[object], Caller]) -> tuple[list[C
     return records, max(r.finished for r in records) - started
 
 
-def load(callers: int, service_time: float, token: str) -> None:
+def load(callers: int, service_time: float, token: str, photo: Path = PHOTO, root: Path = ROOT) -> None:
     from gradio_client import Client, handle_file
 
-    photo_b64 = base64.b64encode(PHOTO.read_bytes()).decode()
+    photo_b64 = base64.b64encode(photo.read_bytes()).decode()
 
     def through_front(client: Client) -> Caller:
         record = Caller(submitted=time.monotonic())
-        job = client.submit(handle_file(str(PHOTO)), "casual", "male", api_name=API)
+        job = client.submit(handle_file(str(photo)), "casual", "male", api_name=API)
         for output in job:  # each intermediate status, as it arrives
             record.statuses.append((time.monotonic(), output[2]))
         job.result()
@@ -195,10 +263,13 @@ def load(callers: int, service_time: float, token: str) -> None:
         record.finished = time.monotonic()
         return record
 
-    back, front, processes = start_stack(service_time, token)
+    back, front, processes = start_stack(service_time, token, root=root)
     rss = Sampler(psutil.Process(processes[1].pid))
     try:
-        clients = [Client(front, token=False, verbose=False, ssl_verify=SSL) for _ in range(callers)]
+        clients = [
+            Client(front, token=False, verbose=False, ssl_verify=SSL, headers={"X-Forwarded-For": address(n)})
+            for n in range(callers)
+        ]
         for client in clients[:3]:  # "once warm": the backend's mean job time now comes from real requests
             through_front(client)
         with rss:
@@ -316,6 +387,8 @@ MODES: dict[str, str] = {
     "front": "bench_front",  # the public front's CPU per request beside a plain Gradio app, and its maximum rate
     "counting": "bench_counting",  # the relay's added latency with the front counting (METRICS_TOKEN) and without
     "files": "bench_files",  # a flood of tiny uploads: files on disk against what is counted; bookkeeping per upload
+    "line": "bench_line",  # MAX_WAIT_S under a flood: admitted and refused, the longest wait against the cap
+    "restart": "bench_restart",  # a backend stopped and started again under a full line; two restarted in turn
 }
 
 
@@ -330,19 +403,26 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=24, help="concurrent callers in the load run (N)")
     parser.add_argument("--latency-calls", type=int, default=30, help="sequential calls per path for latency")
     parser.add_argument("--models", type=Path, help="also time the private app on these (or new tiny) model folders")
+    parser.add_argument("--jpeg", action="store_true", help="send a 1024×768 JPEG instead of the 512-px example")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose apps run (default: this one)")
     parser.add_argument("--serve-backend", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    root = args.root.resolve()
     if args.serve_backend:
-        serve_backend(args.serve_backend, args.service_time)
+        serve_backend(args.serve_backend, args.service_time, root)
         return
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     token = secrets.token_urlsafe(16)
     os.sched_setaffinity(0, FRONT_CORES)  # the callers
-    print(f"cores: backend {sorted(BACKEND_CORES)}, front and callers {sorted(FRONT_CORES)}")
+    photo = photo_file(args.jpeg)
+    print(
+        f"apps of {root} (git {commit_of(root)}); photo {photo.name}; "
+        f"cores: backend {sorted(BACKEND_CORES)}, front and callers {sorted(FRONT_CORES)}"
+    )
     if args.models:
         backend_on_models(args.models, token)
-    latency(args.latency_calls, token)
-    load(args.callers, args.service_time, token)
+    latency(args.latency_calls, token, photo, root)
+    load(args.callers, args.service_time, token, photo, root)
 
 
 if __name__ == "__main__":

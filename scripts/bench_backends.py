@@ -38,7 +38,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from bench import API, CORES, PHOTO, ROOT, SSL, free_port, run_callers, start
+from bench import API, CORES, PHOTO, ROOT, SSL, PhotoBytes, address, free_port, run_callers, start
 
 sys.path.insert(0, str(ROOT / "public_space"))
 from backends import Backend  # the public Space's own relay (no gradio)
@@ -88,8 +88,9 @@ def start_front(backends: Sequence[str], token: str) -> tuple[str, subprocess.Po
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     env = {**QUIET, "BACKEND": ",".join(backends), "HF_TOKEN": token, "GRADIO_SERVER_PORT": str(port)}
-    # Every caller here is one visitor, 127.0.0.1, and each sends the same photo: no fair share, no result cache.
-    env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": "", "RESULT_CACHE_ENTRIES": "0"}
+    # Each caller is a visitor of its own address, as a proxy appends it; each sends the same photo: no result cache
+    # (and no fair share: a warm round and a measured run come from the same addresses).
+    env |= {"TRUSTED_PROXY_HOPS": "1", "MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": "", "RESULT_CACHE_ENTRIES": "0"}
     return url, start([sys.executable, str(ROOT / "public_space" / "app.py")], env, url, set(CORES))
 
 
@@ -117,7 +118,10 @@ def measure(backends: Sequence[str], callers: int, token: str, during: threading
     try:
 
         def clients(n: int) -> list:
-            return [Client(front, token=False, verbose=False, ssl_verify=SSL) for _ in range(n)]
+            return [
+                Client(front, token=False, verbose=False, ssl_verify=SSL, headers={"X-Forwarded-For": address(i)})
+                for i in range(n)
+            ]
 
         run_callers(clients(2 * len(backends)), call)
         fresh = clients(callers)
@@ -127,16 +131,6 @@ def measure(backends: Sequence[str], callers: int, token: str, during: threading
     finally:
         process.kill()
     return Run(records, makespan, len(backends))
-
-
-class PhotoBytes:
-    """The photo as the pool reads it for each sending (backends.Photo), here from memory."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    async def bytes(self) -> bytes:
-        return self.data
 
 
 def relay_alone(backends: Sequence[str], callers: int, token: str) -> tuple[float, list[int]]:

@@ -3,7 +3,8 @@
     python scripts/bench.py example-cache [--service-time 0.5] [--waiting 20]
 
 The backend is the real private app around the stand-in pipeline (S seconds a job, a queue of 256); the front is
-`public_space/app.py` itself with its default result cache (fair share off: every caller here is 127.0.0.1).
+`public_space/app.py` itself with its default result cache (fair share off: C sends many photos at once). A, B and
+C are three addresses, as a proxy appends them (TRUSTED_PROXY_HOPS=1).
 Visitor A runs the example photo once: a real run. Then --waiting other photos, each of its own, are sent at once
 until the backend's queue holds that many waiting. Then visitor B (another address) runs the example photo.
 Prints B's time at the caller (upload, answer and both downloads), and for comparison the time of a new photo
@@ -49,7 +50,7 @@ def main(argv: list[str]) -> None:
         )
     ]
     front_env = {**quiet, "BACKEND": back, "HF_TOKEN": token, "GRADIO_SERVER_PORT": str(front_port)}
-    front_env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": ""}
+    front_env |= {"MAX_JOBS_PER_VISITOR": "0", "VISITOR_RATE": "", "TRUSTED_PROXY_HOPS": "1"}  # A, B, C: 3 addresses
     try:
         processes.append(start([sys.executable, str(ROOT / "public_space" / "app.py")], front_env, front, FRONT_CORES))
         a, b, c = (

@@ -26,8 +26,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench import BACKEND_CORES, FRONT_CORES, ROOT, SSL, Caller, eta_error, free_port, run_callers, shown_wait, start
-from bench_traffic import photo_1024x768
+from bench import (
+    BACKEND_CORES,
+    FRONT_CORES,
+    ROOT,
+    SSL,
+    Caller,
+    eta_error,
+    free_port,
+    photo_1024x768,
+    run_callers,
+    shown_wait,
+    start,
+)
 
 MIN_SAMPLES = 6  # callers measured per N at the least
 

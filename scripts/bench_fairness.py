@@ -4,9 +4,9 @@
                                      [--root DIR]
 
 The backend is the real private app around the stand-in pipeline (service time S, queue of --queue-max-size);
-the front is `public_space/app.py` itself with its default settings. Visitors are told apart by the
-X-Forwarded-For entry a proxy would append (TRUSTED_PROXY_HOPS=1), and each request of the flooder also writes a
-different forged entry in front of it. Prints:
+the front is `public_space/app.py` itself with its default settings but no result cache (each visitor sends the
+example photo). Visitors are told apart by the X-Forwarded-For entry a proxy would append (TRUSTED_PROXY_HOPS=1),
+and each request of the flooder also writes a different forged entry in front of it. Prints:
 - visitor A sends --flood requests at once; B sends one 0.5 s later; C sends one once A's have settled: how
   many of each were refused and why, C's first place in line, and C's time to finish in job times (S);
 - the front's peak memory while it takes one 12000×8000 JPEG (96 megapixels), then one of 7680×5120 (39);
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from bench import FRONT_CORES, PHOTO, ROOT, SSL, Sampler, free_port, start
+from bench import FRONT_CORES, PHOTO, ROOT, SSL, Sampler, blocks_of, free_port, start
 
 API = "/predict_api"
 BIG_JPEGS = ((12000, 8000), (7680, 5120))  # 96 megapixels: over the limit; 39: under it, decoded to downscale
@@ -46,7 +46,7 @@ def serve_backend(root: Path, port: int, service_time: float, queue_max_size: in
 
     demo = app.create_app(StandInPipeline(service_time=service_time), queue_max_size=queue_max_size)
     app.serve(demo, server_name="127.0.0.1", server_port=port, quiet=True)
-    getattr(demo, "blocks", demo).block_thread()  # (an app before create_app returned its own object: Blocks)
+    blocks_of(demo).block_thread()
 
 
 def start_apps(root: Path, service_time: float, queue_max_size: int, front_env: dict[str, str]) -> tuple:
@@ -69,6 +69,7 @@ def start_apps(root: Path, service_time: float, queue_max_size: int, front_env: 
     env = {
         **os.environ,
         **quiet,
+        "TRUSTED_PROXY_HOPS": "1",  # visitors are told apart by the entry a proxy appends (an old app's default)
         **front_env,
         "BACKEND": back,
         "HF_TOKEN": token,
@@ -212,7 +213,8 @@ def main(argv: list[str]) -> None:
         serve_backend(root, args.serve_backend, args.service_time, args.queue_max_size)
         return
     print(f"apps from {root}; S = {args.service_time} s; backend QUEUE_MAX_SIZE = {args.queue_max_size}")
-    front, _, log, processes = start_apps(root, args.service_time, args.queue_max_size, {})
+    # No result cache: every visitor sends the example photo, whose kept result is everyone's (C would not wait).
+    front, _, log, processes = start_apps(root, args.service_time, args.queue_max_size, {"RESULT_CACHE_ENTRIES": "0"})
     try:
         flood(front, args.flood, args.service_time)
         for width, height in BIG_JPEGS:

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import httpx
-from bench import FRONT_CORES, ROOT, SSL, free_port, start
+from bench import FRONT_CORES, ROOT, SSL, commit_of, free_port, start
 
 QUIET = {"GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
 ONE, OTHER = "198.51.100.1", "198.51.100.2"
@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose apps run (default: this one)")
     args = parser.parse_args(argv)
     root = args.root.resolve()
-    print(f"apps of {root} (git {_commit(root)})")
+    print(f"apps of {root} (git {commit_of(root)})")
     flood(root, args.uploads, args.size)
     for kept in (10, 10_000):
         print(f"Files.uploaded, one new upload with {kept:>6} files kept: {bookkeeping(root, kept):8.1f} µs (median)")
@@ -145,12 +145,6 @@ def _tiny_file(folder: Path, name: str) -> Path:
     path.parent.mkdir()
     path.write_bytes(name.encode().ljust(16, b"."))
     return path.resolve()
-
-
-def _commit(root: Path) -> str:
-    command = ["git", "-C", str(root), "rev-parse", "--short", "HEAD"]
-    result = subprocess.run(command, check=False, capture_output=True, text=True)
-    return result.stdout.strip() or "?"
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """Benchmark the public front's own CPU: what one relayed request costs it, beside a plain Gradio app.
 
     python scripts/bench.py front [--callers 24] [--requests 48] [--service-time 0.5] [--rounds 2] [--profile DIR]
+                                  [--jpeg] [--root DIR]
 
 Every visitor here does what a browser does: upload the photo, join the queue, read the event stream to its end,
-fetch the two pictures (async httpx, cheap, so that the callers leave the front's core to the front).
+fetch the two pictures (async httpx, cheap, so that the callers leave the front's core to the front). Each visit
+comes from an address of its own (the X-Forwarded-For entry a proxy appends; the front believes one hop). The
+photo is the 512-px example, or with --jpeg a 1024×768 JPEG. --root runs another checkout's apps (and its
+stand-in) under this same harness.
 1. CPU per request, side by side in one run: the front (public_space/app.py in front of the private app around
    the stand-in, S seconds per job) and a plain Gradio app with the same components whose endpoint sleeps S and
    returns two pictures of the backend's size, on Gradio's defaults (one job at a time: its visitors wait in its
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
+import itertools
 import json
 import os
 import secrets
@@ -32,7 +37,7 @@ from pathlib import Path
 
 import httpx
 import psutil
-from bench import FRONT_CORES, PHOTO, ROOT, free_port, start, start_stack
+from bench import FRONT_CORES, PHOTO, ROOT, address, commit_of, free_port, photo_file, start, start_stack
 from PIL import Image
 
 
@@ -72,16 +77,26 @@ def serve_plain(port: int, service_time: float) -> None:
     demo.block_thread()
 
 
-async def visit(http: httpx.AsyncClient, url: str, fn_index: int, photo: bytes) -> list[str]:
-    """One visitor's request as a browser makes it; returns the status lines it was shown."""
-    files = {"files": ("photo.png", photo, "image/png")}
-    path = (await http.post(f"{url}gradio_api/upload", files=files)).raise_for_status().json()[0]
+VISITS = itertools.count()
+
+
+def upload_of(photo: Path) -> tuple[str, bytes, str]:
+    """The photo as a page uploads it: (name, content, type)."""
+    return photo.name, photo.read_bytes(), "image/jpeg" if photo.suffix == ".jpg" else "image/png"
+
+
+async def visit(http: httpx.AsyncClient, url: str, fn_index: int, photo: tuple[str, bytes, str]) -> list[str]:
+    """One visitor's request as a browser makes it, from an address of its own; returns the status lines shown."""
+    headers = {"x-forwarded-for": address(next(VISITS))}
+    files = {"files": photo}
+    path = (await http.post(f"{url}gradio_api/upload", files=files, headers=headers)).raise_for_status().json()[0]
     session = uuid.uuid4().hex
     image = {"path": path, "meta": {"_type": "gradio.FileData"}}
     body = {"data": [image, "casual", "male"], "fn_index": fn_index, "session_hash": session}
-    (await http.post(f"{url}gradio_api/queue/join", json=body)).raise_for_status()
+    (await http.post(f"{url}gradio_api/queue/join", json=body, headers=headers)).raise_for_status()
     statuses = []
-    async with http.stream("GET", f"{url}gradio_api/queue/data", params={"session_hash": session}) as stream:
+    params = {"session_hash": session}
+    async with http.stream("GET", f"{url}gradio_api/queue/data", params=params, headers=headers) as stream:
         async for line in stream.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -93,7 +108,7 @@ async def visit(http: httpx.AsyncClient, url: str, fn_index: int, photo: bytes) 
                     raise RuntimeError(f"a request failed: {message.get('output')}")
                 for item in message["output"]["data"][:2]:
                     if isinstance(item, dict) and item.get("url"):
-                        (await http.get(item["url"])).raise_for_status()
+                        (await http.get(item["url"], headers=headers)).raise_for_status()
                 return statuses
     raise RuntimeError("the stream ended before the result")
 
@@ -108,14 +123,16 @@ def cpu_seconds(process: psutil.Process) -> float:
     return times.user + times.system
 
 
-async def burst(url: str, callers: int, requests: int, process: psutil.Process) -> tuple[float, float, float]:
+async def burst(
+    url: str, callers: int, requests: int, process: psutil.Process, photo: Path = PHOTO
+) -> tuple[float, float, float]:
     """`requests` visits, `callers` at a time, after a warm-up: (CPU seconds of the server, wall seconds, updates
     a visitor was sent on average)."""
-    photo = PHOTO.read_bytes()
+    upload = upload_of(photo)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=4 * callers)
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
         fn_index = await fn_index_of(http, url)
-        await asyncio.gather(*(visit(http, url, fn_index, photo) for _ in range(4)))  # warm both paths
+        await asyncio.gather(*(visit(http, url, fn_index, upload) for _ in range(4)))  # warm both paths
         cpu, started = cpu_seconds(process), time.monotonic()
         left, updates = requests, 0
 
@@ -123,7 +140,7 @@ async def burst(url: str, callers: int, requests: int, process: psutil.Process) 
             nonlocal left, updates
             while left > 0:
                 left -= 1
-                shown = await visit(http, url, fn_index, photo)
+                shown = await visit(http, url, fn_index, upload)
                 updates += len(shown)
 
         await asyncio.gather(*(caller() for _ in range(callers)))
@@ -148,7 +165,7 @@ def profiled(pid: int, out: Path) -> subprocess.Popen:
 
 def side_by_side(args: argparse.Namespace, token: str) -> None:
     """CPU per request: the front and the plain app, alternating, `rounds` times each."""
-    _, front, processes = start_stack(args.service_time, token)
+    _, front, processes = start_stack(args.service_time, token, root=args.root)
     plain, plain_process = start_plain(args.service_time)
     processes.append(plain_process)
     try:
@@ -157,13 +174,15 @@ def side_by_side(args: argparse.Namespace, token: str) -> None:
             spy = profiled(processes[1].pid, args.profile / "front.txt") if args.profile and not round_ else None
             front_process = psutil.Process(processes[1].pid)
             cpu_front, wall_front, updates_front = asyncio.run(
-                burst(front, args.callers, args.requests, front_process)
+                burst(front, args.callers, args.requests, front_process, args.photo)
             )
             if spy is not None:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
                 spy.wait()
             plain_process_ = psutil.Process(plain_process.pid)
-            cpu_plain, wall_plain, _ = asyncio.run(burst(plain, args.callers, args.requests, plain_process_))
+            cpu_plain, wall_plain, _ = asyncio.run(
+                burst(plain, args.callers, args.requests, plain_process_, args.photo)
+            )
             per_front, per_plain = 1000 * cpu_front / args.requests, 1000 * cpu_plain / args.requests
             ratios.append(per_front / per_plain)
             print(
@@ -178,10 +197,11 @@ def side_by_side(args: argparse.Namespace, token: str) -> None:
 
 
 def max_rate(args: argparse.Namespace, token: str) -> None:
-    _, front, processes = start_stack(0.0, token)
+    _, front, processes = start_stack(0.0, token, root=args.root)
     try:
         requests = max(args.requests, 4 * args.callers)
-        cpu, wall, _ = asyncio.run(burst(front, args.callers, requests, psutil.Process(processes[1].pid)))
+        front_process = psutil.Process(processes[1].pid)
+        cpu, wall, _ = asyncio.run(burst(front, args.callers, requests, front_process, args.photo))
     finally:
         for process in processes:
             process.kill()
@@ -200,14 +220,20 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--rounds", type=int, default=2, help="front/plain pairs measured")
     parser.add_argument("--profile", type=Path, help="write a py-spy flame graph of the front here")
     parser.add_argument("--skip-rate", action="store_true", help="leave out the zero-time maximum rate")
+    parser.add_argument("--jpeg", action="store_true", help="send a 1024×768 JPEG instead of the 512-px example")
+    parser.add_argument("--root", type=Path, default=ROOT, help="the checkout whose apps run (default: this one)")
     parser.add_argument("--serve-plain", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_plain:
         serve_plain(args.serve_plain, args.service_time)
         return
+    args.root, args.photo = args.root.resolve(), photo_file(args.jpeg)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.sched_setaffinity(0, FRONT_CORES)
-    print(f"load average {os.getloadavg()[0]:.2f}; front, plain app and callers on cores {sorted(FRONT_CORES)}")
+    print(
+        f"apps of {args.root} (git {commit_of(args.root)}); photo {args.photo.name}; load average "
+        f"{os.getloadavg()[0]:.2f}; front, plain app and callers on cores {sorted(FRONT_CORES)}"
+    )
     token = secrets.token_urlsafe(16)
     side_by_side(args, token)
     if not args.skip_rate:

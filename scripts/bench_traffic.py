@@ -12,6 +12,13 @@
    from a new session and visitor address, the two pictures fetched as a browser would. Prints each app's RSS at
    request 100 and at the end, and the peak of what the front keeps on disk against its quota (`--quota-mb`,
    small by default so that the least recently used files must go).
+4. With --restart-every K (issue 20.5): memory across backend restarts. The same `--requests` requests (8 at a
+   time, S seconds each) twice, side by side: with no restart, and with the backend stopped (SIGTERM) and started
+   again at once every K requests, while a batch is in flight (its jobs are sent again). Prints both apps' RSS at
+   request 104 (the end of the 100th's batch), after each restart's batch and at the end, in each run (the
+   front's is what matters: it outlives the restarts; the backend's restarts fresh), the requests that got no
+   result, and what the front counted (jobs sent again, jobs lost). The front's kept files under `--quota-mb`, as
+   in part 3 (else they would all be kept for KEEP_FILES_S, longer than the run). With it, parts 1-3 do not run.
 """
 
 from __future__ import annotations
@@ -19,28 +26,34 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import secrets
+import signal
 import statistics
 import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import psutil
-from bench import BACKEND_CORES, PHOTO, ROOT, SSL, Caller, eta_error, run_callers, start_stack
-from PIL import Image, ImageOps
+from bench import (
+    BACKEND_CORES,
+    ROOT,
+    SSL,
+    Caller,
+    PhotoBytes,
+    eta_error,
+    photo_1024x768,
+    run_callers,
+    start_front,
+    start_stack,
+)
+from bench_restart import BackendProcess
+from bench_visits import Front, Visit, errors, figure, metrics
 
 sys.path[:0] = [str(ROOT / "public_space"), str(ROOT / "private_space")]
-
-
-def photo_1024x768() -> bytes:
-    """The example portrait as a phone photo arrives after the front's downscale: 1024×768 JPEG."""
-    buffer = io.BytesIO()
-    ImageOps.fit(Image.open(PHOTO).convert("RGB"), (1024, 768)).save(buffer, format="JPEG", quality=92)
-    return buffer.getvalue()
 
 
 async def one_caller(backend: object, photo: bytes) -> tuple[float | None, float, int]:
@@ -51,7 +64,7 @@ async def one_caller(backend: object, photo: bytes) -> tuple[float | None, float
     from relay import Finished, Queued
 
     first = None
-    async for update in backend.predict(photo, "casual", "female"):
+    async for update in backend.predict(PhotoBytes(photo), "casual", "female"):
         if isinstance(update, Queued) and first is None and update.eta is not None:
             first = update
         if isinstance(update, Finished):
@@ -183,6 +196,87 @@ async def soak(
     )
 
 
+def memory_across_restarts(requests: int, every: int, service_time: float, photo: bytes, quota_mb: float) -> None:
+    """Part 4: the soak with no restart and with a restart every `every` requests, side by side."""
+    runs = [
+        asyncio.run(soak_restarting(requests, every, service_time, photo, quota_mb, restart=restart))
+        for restart in (False, True)
+    ]
+    print(
+        f"memory over {requests} requests, 8 at a time, S = {service_time} s, the front's FILES_QUOTA_MB "
+        f"{quota_mb:g}: RSS MiB, public app / private app"
+    )
+    print(f"  {'request':<26} {'no restart':<18} restart every {every} (SIGTERM, back at once)")
+    for (mark, plain), (_, restarted) in zip(runs[0].rss, runs[1].rss, strict=True):
+        label = f"{mark}" + (" (after a restart)" if mark in runs[1].restarted_at else "")
+        print(
+            f"  {label:<26} {plain[0] / 2**20:5.0f} / {plain[1] / 2**20:4.0f}      {restarted[0] / 2**20:5.0f} / "
+            f"{restarted[1] / 2**20:4.0f}"
+        )
+    for name, run in zip(("no restart", "restarts"), runs, strict=True):
+        growth = (run.rss[-1][1][0] - run.rss[0][1][0]) / 1e6
+        print(
+            f"  {name}: public app +{growth:.1f} MB from request {run.rss[0][0]} to {requests}; "
+            f"requests with no result {run.failed}; the front counted: {run.counted}"
+        )
+
+
+@dataclass
+class SoakRun:
+    rss: list[tuple[int, tuple[int, int]]]  # (requests done, (public app's RSS, private app's RSS))
+    restarted_at: set[int]  # the marks taken right after a restart's batch
+    failed: str
+    counted: str
+
+
+async def soak_restarting(
+    requests: int, every: int, service_time: float, photo: bytes, quota_mb: float, *, restart: bool
+) -> SoakRun:
+    """`requests` visitors, 8 at a time, through a front whose backend restarts every `every` requests if `restart`
+    (memory measured at the same marks either way)."""
+    token, metrics_token = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+    backend = BackendProcess(service_time, token, BACKEND_CORES)
+    backend.start()
+    kept = tempfile.mkdtemp(prefix="bench-front-files-")
+    env = {"METRICS_TOKEN": metrics_token, "GRADIO_TEMP_DIR": kept, "FILES_QUOTA_MB": str(quota_mb)}
+    front_url, front_process = start_front(backend.url, token, env)
+    rss, restarted_at, visits = [], set(), []
+
+    def stop_and_start() -> None:
+        time.sleep(0.1)  # the batch's jobs are in flight
+        backend.stop(signal.SIGTERM)
+        backend.start()
+
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(30, read=300)) as http:
+            front = Front(front_url, http, ("photo.jpg", photo, "image/jpeg"))
+            first_mark = -(-min(100, requests) // 8) * 8  # request 100's batch ends at 104
+            marks = {first_mark, requests} | {m + 8 for m in range(every, requests, every)}
+            for first in range(0, requests, 8):
+                batch = [Visit(n) for n in range(first, min(requests, first + 8))]
+                restarting = restart and first and first % every == 0
+                work = [front.visit(record) for record in batch]
+                if restarting:
+                    work.append(asyncio.to_thread(stop_and_start))
+                await asyncio.gather(*work)
+                visits += batch
+                done = first + len(batch)
+                if done in marks:
+                    sizes = (psutil.Process(front_process.pid).memory_info().rss, backend.rss())
+                    rss.append((done, sizes))
+                if restarting:
+                    restarted_at.add(done)
+            figures = metrics(front_url, metrics_token)
+    finally:
+        front_process.kill()
+        backend.kill()
+    resent = [round(figure(figures, "backdrop_jobs_resent_total", after=what)) for what in ("waiting", "running")]
+    lost = round(figure(figures, "backdrop_jobs_total", outcome="lost", reason=""))
+    return SoakRun(
+        rss, restarted_at, errors(visits), f"jobs sent again {resent[0]} waiting, {resent[1]} running; lost {lost}"
+    )
+
+
 def _bytes_in(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
@@ -201,10 +295,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--requests", type=int, default=1000, help="requests through both apps for memory")
     parser.add_argument("--quota-mb", type=float, default=64, help="the front's FILES_QUOTA_MB in the soak")
     parser.add_argument("--soak-only", action="store_true", help="only part 3 (memory and files on disk)")
+    parser.add_argument("--restart-every", type=int, default=0, metavar="K", help="only part 4, restarting every K")
     args = parser.parse_args(argv)
     token = secrets.token_urlsafe(16)
     photo = photo_1024x768()
     print(f"photo: 1024×768 JPEG, {len(photo) / 1000:.0f} kB; backend on core {sorted(BACKEND_CORES)}")
+    if args.restart_every:
+        memory_across_restarts(args.requests, args.restart_every, args.service_time, photo, args.quota_mb)
+        return
     if not args.soak_only:
         cpu_stages(photo)
         back, front, processes = start_stack(args.service_time, token)
