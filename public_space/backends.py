@@ -134,6 +134,7 @@ class Backend:
         self._http: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._probing = False
+        self._soon_until = 0.0  # while a backend that went away is expected back, it is probed every RETRY_EVERY_S
         self._lookup: asyncio.Task[Endpoint] | None = None  # the endpoint lookup under way, or the last one
         self._lookup_again_at = 0.0  # a failed lookup's answer stands until then (monotonic)
         self._waking: asyncio.Task[None] | None = None
@@ -184,9 +185,13 @@ class Backend:
             if self.figures.jobs.pop(job.session, None) is not None:  # the visitor left, pressed Stop, or it broke
                 self._cancel_soon(job.endpoint, job.session, job.event_id)
 
-    def mark_down(self, reason: str) -> None:
-        """Skip this backend for new jobs, and probe it in the background (backing off) until it answers."""
+    def mark_down(self, reason: str, *, restarting: bool = False) -> None:
+        """Skip this backend for new jobs, and probe it in the background until it answers: backing off, or, for one
+        that went away while serving (`restarting`: a redeploy, a crash), every RETRY_EVERY_S for the wake timeout,
+        as it should be back soon and the pool wants it back as soon as it is."""
         self._endpoint = None
+        if restarting:
+            self._soon_until = time.monotonic() + self.wake_timeout
         if self.down:  # the probe counts its own failures; many jobs reporting one outage are one failure
             return
         self.down, self._failures, self.down_since = True, self._failures + 1, time.monotonic()
@@ -198,6 +203,8 @@ class Backend:
             self._spawn(self._probe())
 
     def _retry_s(self) -> float:
+        if time.monotonic() < self._soon_until:
+            return RETRY_EVERY_S
         return min(RETRY_DOWN_MAX_S, self.retry_after * 2 ** max(0, self._failures - 1))
 
     def mark_up(self) -> None:

@@ -6,7 +6,8 @@
 4. `Files.using`: their own upload, kept on disk meanwhile (files.py);
 5. `PhotoReader.photo`: the photo as the backend takes it, read a few at a time (photos.py);
 6. `Results.answer`: a kept result for a repeat (results.py); else
-7. `WaitLine.admit`: the line's promise, a photo that would wait too long refused at once (waiting.py);
+7. `WaitLine.admit`: the line's promise, a photo that would wait too long refused at once (waiting.py), before
+   its photo is read when no kept result could answer it;
 8. `FairShare.spend`: one of their photos for the window;
 9. `Backends.predict`: the job on the best backend, sent again if that one goes away (pool.py);
 10. `status_lines`: what the visitor sees meanwhile, paced (pacing.py, wording.py), then the pictures, saved where
@@ -107,6 +108,8 @@ async def run(
     with relay.fair_share.slot(visitor, on_page=on_page), relay.files.using(image["path"], visitor) as upload:
         if upload is None:
             raise gr.Error(relay.files.refusal(visitor) or UPLOAD_AGAIN, print_exception=False)
+        if not relay.results.may_answer(visitor):  # no repeat to answer: the line's promise, before the photo is read
+            relay.wait_line.admit()
         photo = await relay.photos.photo(upload)
         key = relay.results.key(photo.digest, category, gender, visitor)
         kept = await relay.results.answer(pool, key)

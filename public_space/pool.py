@@ -170,7 +170,7 @@ class Backends:
                         yield update
                 return
             except StreamBroke:
-                backend.mark_down("its stream broke")
+                backend.mark_down("its stream broke", restarting=True)
             backend.moved += 1
             crashes += running
             if crashes >= CRASHES_AT_MOST:

@@ -50,6 +50,10 @@ class Results:
         """What a result is kept under: the photo's digest, the choices, and whose it is (see the docstring)."""
         return digest, category, gender, EVERYONE if digest == self.example else visitor
 
+    def may_answer(self, visitor: str) -> bool:
+        """Whether a kept result could be `visitor`'s answer (theirs, or the example's), before their photo is read."""
+        return any(scope in (visitor, EVERYONE) for *_, scope in self.kept)
+
     async def answer(self, pool: Backends, key: ResultKey) -> Finished | None:
         """The kept result for `key`, if a backend that is up now says it has the build that made it."""
         if (kept := self.kept.get(key)) is None or kept.build not in await builds_now(pool):

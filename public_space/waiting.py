@@ -45,7 +45,11 @@ class WaitLine:
         return round(self.pool.ranked(now)[0].figures.expected_finish(now, min(known)), 1) if known else None
 
     def closed(self, seconds: float | None) -> bool:
-        return bool(self.max_wait_s) and seconds is not None and seconds > self.max_wait_s
+        """Whether a photo that would be done in `seconds` is refused: longer than the promise, and longer in words
+        too (a wait of 10.3 s, "about 10 s", is not refused for a promise of 10 s)."""
+        if not self.max_wait_s or seconds is None or seconds <= self.max_wait_s:
+            return False
+        return self.about(seconds) != self.about(self.max_wait_s)
 
     def admit(self) -> None:
         """Refuse a new photo (LineTooLong, with the wait in its sentence) while the line is longer than promised."""

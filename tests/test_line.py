@@ -8,13 +8,19 @@ import pytest
 from conftest import TLS, stack, submit, visitor, wait_until
 from gradio_client.exceptions import AppError
 
+import photos
 import waiting
 from wording import about
 
 CAP_S = 1.5  # the promise; each stand-in job takes 1 s, so four held jobs make a line of about twice it
 
 
-def test_a_photo_that_would_wait_longer_than_the_cap_is_refused_before_it_reaches_a_backend(private_app, public_app):
+def test_a_photo_that_would_wait_longer_than_the_cap_is_refused_before_it_reaches_a_backend(
+    private_app, public_app, monkeypatch
+):
+    reads: list[str] = []
+    read = photos.photo_bytes
+    monkeypatch.setattr(photos, "photo_bytes", lambda path, *limits: reads.append(path.name) or read(path, *limits))
     with stack(private_app, public_app, service_time=1.0, front={"max_wait_s": 0}) as s:  # no cap while it fills
         s.standin.hold()
         held = [submit(visitor(s.front))]
@@ -25,11 +31,12 @@ def test_a_photo_that_would_wait_longer_than_the_cap_is_refused_before_it_reache
         full = lambda: pool.backends[0].sent == 4 and (figure()["seconds"] or 0) >= 2 * CAP_S  # noqa: E731
         wait_until(full, what=lambda: f"all four joined the backend's queue, a line of twice the cap: {figure()}")
         s.front_app.relay.wait_line.max_wait_s = CAP_S  # the promise, with the line at twice it
-        sent, entered = pool.backends[0].sent, s.standin.entered
+        sent, entered, read_before = pool.backends[0].sent, s.standin.entered, len(reads)
         line = figure()
         with pytest.raises(AppError) as refused:
             submit(visitor(s.front)).result(timeout=60)
         assert (pool.backends[0].sent, s.standin.entered) == (sent, entered)  # nothing reached the backend
+        assert len(reads) == read_before  # nor was its photo read: no kept result could have answered it
         s.standin.release_all()
         for job in held:
             assert job.result(timeout=60)[2].startswith("Done in ")
@@ -58,7 +65,10 @@ def test_the_line_promise_is_kept_to_the_figure_the_page_shows():
             return self.backends
 
     assert waiting.WaitLine(Pool(30.0), max_wait_s=30, about=about).closed(30.0) is False  # as long as promised
-    line = waiting.WaitLine(Pool(30.1), max_wait_s=30, about=about)
+    assert waiting.WaitLine(Pool(30.4), max_wait_s=30, about=about).closed(30.4) is False  # "about 30 s": as promised
+    assert waiting.WaitLine(Pool(10.3), max_wait_s=10, about=about).closed(10.3) is False  # "about 10 s" too
+    assert waiting.WaitLine(Pool(10.6), max_wait_s=10, about=about).closed(10.6) is True  # "about 11 s": longer
+    line = waiting.WaitLine(Pool(31.0), max_wait_s=30, about=about)
     assert line.figure()["closed"] is True
     with pytest.raises(waiting.LineTooLong):
         line.admit()

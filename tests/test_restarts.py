@@ -15,10 +15,12 @@ from conftest import (
     EXAMPLE_PHOTO,
     TLS,
     TOKEN,
+    backend,
     free_port,
     front_app,
     kill,
     latest,
+    pool,
     running,
     statuses,
     submit,
@@ -28,6 +30,7 @@ from conftest import (
 from gradio_client.exceptions import AppError
 from standin import StandInPipeline
 
+import backends
 import photos
 from pool import Backends
 from relay import REPEAT_CRASH
@@ -165,3 +168,25 @@ def test_a_waiting_job_holds_no_photo_and_reads_it_again_from_the_upload_to_rese
     # And again from the upload on disk, for each try to send it again (the first in line tries every 2 s).
     assert len(reads) >= 4
     assert set(reads) == {EXAMPLE_PHOTO.name}
+
+
+def test_a_backend_that_went_away_is_taken_back_as_soon_as_it_answers(private_app, public_app, monkeypatch):
+    """A backend that fails to take jobs is probed less and less often (here: once an hour); one that went away while
+    serving (a restart) is expected back soon, and probed every few seconds until it is."""
+    monkeypatch.setattr(backends, "RETRY_DOWN_MAX_S", 3600.0)
+    with backend(private_app, 0.0) as (other_url, _, _):
+        port = free_port()
+        pool_of_two = pool(f"http://127.0.0.1:{port}/", other_url, retry_after=3600)
+        with running(front_app(public_app, pool_of_two), public_app.serve) as front:
+            first = StandInPipeline()
+            first.hold()
+            with backend_at(private_app, port, first) as back:
+                wait_until(lambda: not pool_of_two.backends[0].down, what="the first backend taken")
+                job = submit(visitor(front))
+                first.wait_inside(1)  # the first backend had it: each backend's figures start alike
+                kill(back)
+            first.release_all()
+            assert job.result(timeout=60)[2].startswith("Done in ")  # done on the other
+            assert pool_of_two.backends[0].down
+            with backend_at(private_app, port, StandInPipeline()):
+                wait_until(lambda: not pool_of_two.backends[0].down, what="the restarted backend taken back")
