@@ -106,23 +106,12 @@ class Share:
         return " and ".join(parts) or "no limit"
 
 
-class Refusal(str):
-    """A refusal's sentence for the visitor, with why (`reason`: "fair_share" or "rate") for the metrics."""
-
-    reason: str
-
-    def __new__(cls, sentence: str, reason: str) -> Refusal:
-        refusal = super().__new__(cls, sentence)
-        refusal.reason = reason
-        return refusal
-
-
 class TurnedAway(Exception):
     """A visitor turned away by their fair share: its message is the sentence that says why (and when to try again)."""
 
-    def __init__(self, refusal: Refusal) -> None:
-        super().__init__(str(refusal))
-        self.reason = refusal.reason
+    def __init__(self, sentence: str, reason: str) -> None:
+        super().__init__(sentence)
+        self.reason = reason  # "fair_share" or "rate", for the metrics
 
 
 class FairShare:
@@ -154,9 +143,9 @@ class FairShare:
         if jobs and held >= jobs:
             photos = "photo" if held == 1 else "photos"
             sentence = f"You already have {held} {photos} in line. Please wait until one is done."
-            raise TurnedAway(self._refusal(sentence, "fair_share", visitor, on_page))
+            raise self._turned_away(sentence, "fair_share", visitor, on_page)
         if (rate := self.rates[account]) is not None and not self.limiter.test(rate, visitor):
-            raise TurnedAway(self._refusal(self._too_many(rate, visitor), "rate", visitor, on_page))
+            raise self._turned_away(self._too_many(rate, visitor), "rate", visitor, on_page)
         self.jobs[visitor] = held + 1
         try:
             yield
@@ -167,7 +156,7 @@ class FairShare:
         """Count one of `visitor`'s photos for the window; TurnedAway if a photo sent meanwhile spent the last."""
         rate = self.rates[visitor.startswith(ACCOUNT)]
         if rate is not None and not self.limiter.hit(rate, visitor):
-            raise TurnedAway(self._refusal(self._too_many(rate, visitor), "rate", visitor, on_page))
+            raise self._turned_away(self._too_many(rate, visitor), "rate", visitor, on_page)
 
     def release(self, visitor: str) -> None:
         """Give back a slot (once the job is done, failed, cancelled, or its visitor left)."""
@@ -184,10 +173,10 @@ class FairShare:
         wait = max(1, math.ceil(reset - time.time()))
         return f"You have sent too many photos in the last {window}. Please try again in {wait} s."
 
-    def _refusal(self, sentence: str, reason: str, visitor: str, on_page: bool) -> Refusal:
-        """The sentence, and for an address what an account's share is and how to have one."""
+    def _turned_away(self, sentence: str, reason: str, visitor: str, on_page: bool) -> TurnedAway:
+        """The refusal, saying for an address what an account's share is and how to have one."""
         if visitor.startswith(ACCOUNT) or (on_page and not self.sign_in):
-            return Refusal(sentence, reason)
+            return TurnedAway(sentence, reason)
         how = "sign in with Hugging Face" if on_page else "call with your Hugging Face token (Client(..., token=...))"
         own = f"Everyone at your address shares this limit: {how} for a share of your own"
-        return Refusal(f"{sentence} {own} ({self.shares[True].words()}).", reason)
+        return TurnedAway(f"{sentence} {own} ({self.shares[True].words()}).", reason)
