@@ -12,8 +12,13 @@ from visitors import TurnedAway
 logger = logging.getLogger("backdrop")
 
 
-# How a status line begins while the job is not over (describe): any other line ends it.
-UNDER_WAY = ("Sending your photo", "Waking up", "The image service is restarting", "You are ", "Working on your photo")
+# How `describe` begins each line while the job is not over; any other line ends it (the page polls the wait then).
+SENDING = "Sending your photo"
+WAKING = "Waking up the GPU"
+RESTARTING = "The image service is restarting · your photo is kept"
+IN_LINE = "You are "
+WORKING = "Working on your photo"
+UNDER_WAY = (SENDING, WAKING, RESTARTING, IN_LINE, WORKING)
 
 
 def ordinal(n: int) -> str:
@@ -38,19 +43,19 @@ def describe(update: Update | None, now: float, tail: float = 0.0) -> str:
     """The status line for an update (None: nothing heard yet); a queue estimate counts down from when it arrived,
     and `tail` (the front's own seconds after the backend's result, pacing.Tail) is added to it."""
     if update is None:
-        return "Sending your photo…"
+        return f"{SENDING}…"
     if isinstance(update, Waking):
-        return "Waking up the GPU… this can take a minute."
+        return f"{WAKING}… this can take a minute."
     if isinstance(update, Restarting):  # the job waited or ran on a backend that went away: it is sent again
         left = None if update.back_in is None else update.back_in - (now - update.received)
         back = f"back in {about(left)}" if left is not None and left >= 0.5 else "sent again as soon as it is back"
-        return f"The image service is restarting · your photo is kept · {back}"
+        return f"{RESTARTING} · {back}"
     if isinstance(update, Queued):
         place = "next in line" if update.rank == 0 else f"{ordinal(update.rank + 1)} in line"
         wait = "" if update.eta is None else f" · {about(update.eta + tail - (now - update.received))}"
-        return f"You are {place}{wait}"
+        return f"{IN_LINE}{place}{wait}"
     if isinstance(update, Running):
-        return f"Working on your photo · {update.desc}" if update.desc else "Working on your photo…"
+        return f"{WORKING} · {update.desc}" if update.desc else f"{WORKING}…"
     return update.status
 
 
