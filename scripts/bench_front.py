@@ -25,19 +25,18 @@ import argparse
 import asyncio
 import io
 import itertools
-import json
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
 import psutil
-from bench import FRONT_CORES, PHOTO, ROOT, address, commit_of, free_port, photo_file, start, start_stack
+from bench import FRONT_CORES, PHOTO, ROOT, commit_of, free_port, photo_file, start, start_stack
+from bench_visits import Front, Visit
 from PIL import Image
 
 
@@ -77,45 +76,21 @@ def serve_plain(port: int, service_time: float) -> None:
     demo.block_thread()
 
 
-VISITS = itertools.count()
-
-
 def upload_of(photo: Path) -> tuple[str, bytes, str]:
     """The photo as a page uploads it: (name, content, type)."""
     return photo.name, photo.read_bytes(), "image/jpeg" if photo.suffix == ".jpg" else "image/png"
 
 
-async def visit(http: httpx.AsyncClient, url: str, fn_index: int, photo: tuple[str, bytes, str]) -> list[str]:
-    """One visitor's request as a browser makes it, from an address of its own; returns the status lines shown."""
-    headers = {"x-forwarded-for": address(next(VISITS))}
-    files = {"files": photo}
-    path = (await http.post(f"{url}gradio_api/upload", files=files, headers=headers)).raise_for_status().json()[0]
-    session = uuid.uuid4().hex
-    image = {"path": path, "meta": {"_type": "gradio.FileData"}}
-    body = {"data": [image, "casual", "male"], "fn_index": fn_index, "session_hash": session}
-    (await http.post(f"{url}gradio_api/queue/join", json=body, headers=headers)).raise_for_status()
-    statuses = []
-    params = {"session_hash": session}
-    async with http.stream("GET", f"{url}gradio_api/queue/data", params=params, headers=headers) as stream:
-        async for line in stream.aiter_lines():
-            if not line.startswith("data:"):
-                continue
-            message = json.loads(line[5:])
-            if message.get("msg") == "process_generating":
-                statuses.append(str(message["output"]["data"][-1]))
-            if message.get("msg") == "process_completed":
-                if not message.get("success"):
-                    raise RuntimeError(f"a request failed: {message.get('output')}")
-                for item in message["output"]["data"][:2]:
-                    if isinstance(item, dict) and item.get("url"):
-                        (await http.get(item["url"], headers=headers)).raise_for_status()
-                return statuses
-    raise RuntimeError("the stream ended before the result")
+VISITS = itertools.count()
 
 
-async def fn_index_of(http: httpx.AsyncClient, url: str) -> int:
-    config = (await http.get(f"{url}config")).json()
-    return next(d["id"] for d in config["dependencies"] if d.get("api_name") == "predict_api")
+async def visit(front: Front) -> int:
+    """One visitor's request as a browser makes it (bench_visits.py), from an address of its own: the status lines
+    it was sent."""
+    record = await front.visit(Visit(next(VISITS)))
+    if record.error is not None:
+        raise RuntimeError(f"a request failed: {record.error}")
+    return len(record.statuses)
 
 
 def cpu_seconds(process: psutil.Process) -> float:
@@ -131,8 +106,8 @@ async def burst(
     upload = upload_of(photo)
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=4 * callers)
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-        fn_index = await fn_index_of(http, url)
-        await asyncio.gather(*(visit(http, url, fn_index, upload) for _ in range(4)))  # warm both paths
+        front = Front(url, http, upload)
+        await asyncio.gather(*(visit(front) for _ in range(4)))  # warm both paths
         cpu, started = cpu_seconds(process), time.monotonic()
         left, updates = requests, 0
 
@@ -140,8 +115,7 @@ async def burst(
             nonlocal left, updates
             while left > 0:
                 left -= 1
-                shown = await visit(http, url, fn_index, upload)
-                updates += len(shown)
+                updates += await visit(front)
 
         await asyncio.gather(*(caller() for _ in range(callers)))
         return cpu_seconds(process) - cpu, time.monotonic() - started, updates / requests
